@@ -1,0 +1,163 @@
+// Permutohedral lattice (Adams et al. 2010, in the variant used by the DeepLab/rloss Caffe fork),
+// re-implemented so that one lattice filters all K channels of an image in a single pass.
+//
+// Numerics follow the original exactly (see spec 7.3): same elevation, half-to-even rounding,
+// rank/tie rule, sum fix, barycentric weights, canonical simplex vertices keyed on the first d
+// coordinates, (1/2, 1, 1/2) blur over axes 0..d, slice constant 1/(1+2^-d), self term included,
+// no normalisation.  Per output element the floating point operations are performed in the same
+// order as the original (splat accumulates in pixel order, slice in vertex order), so the K-at-once
+// filter is bit-identical to K single-channel filterings.
+//
+// No Python or torch types here: raw float32 buffers in and out.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace rloss {
+
+// Bad arguments (shapes, sizes, values); the bindings turn it into Python's ValueError.
+struct InvalidArgument : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+
+// Largest feature dimension supported (per-pixel scratch lives on the stack).
+constexpr int kMaxDim = 32;
+
+// Where per-pixel features come from: either an (N, d) row-major array, or an image
+// (C planes of H x W) turned on the fly into (x/s_xy, y/s_xy, c_0/s_rgb, ..., c_{C-1}/s_rgb).
+struct FeatureSource {
+  const float* features = nullptr;  // (N, d) when not null
+  const float* image = nullptr;     // (C, H, W) when features is null
+  int64_t height = 0, width = 0;
+  int channels = 0;
+  float sigma_xy = 1.f, sigma_rgb = 1.f;
+  int dim = 0;
+  int64_t count = 0;  // N
+
+  static FeatureSource from_array(const float* f, int64_t n, int d);
+  static FeatureSource from_image(const float* img, int channels, int64_t h, int64_t w, float sigma_xy,
+                                  float sigma_rgb);
+};
+
+// Optional timing counters (nanoseconds, summed over calls; thread-time when images run in parallel).
+enum TimerId { kTEmbed = 0, kTMerge, kTNeighbours, kTCsr, kTStage, kTSplat, kTBlur, kTSlice, kNumTimers };
+struct Timers {
+  std::atomic<bool> enabled{false};
+  std::atomic<int64_t> ns[kNumTimers];
+  Timers() { reset(); }
+  void reset() {
+    for (auto& v : ns) v.store(0);
+  }
+};
+Timers& timers();
+const char* timer_name(int id);
+
+// Open-addressing hash table over int32 keys of fixed length; entries are numbered in insertion order.
+class KeyTable {
+ public:
+  void reset(int key_len, std::size_t expected);
+  int32_t find_or_insert(const int32_t* key, uint64_t h);
+  int32_t find(const int32_t* key, uint64_t h) const;  // -1 when absent
+  int32_t size() const { return count_; }
+  const int32_t* key(int32_t i) const { return keys_.data() + static_cast<std::size_t>(i) * key_len_; }
+  uint64_t hash(int32_t i) const { return hashes_[static_cast<std::size_t>(i)]; }
+  std::size_t memory_bytes() const;
+  void release();
+
+ private:
+  void grow();
+  struct Slot {
+    uint32_t tag;
+    int32_t index;  // -1 = empty
+  };
+  int key_len_ = 0;
+  int32_t count_ = 0;
+  int shift_ = 64;
+  std::vector<Slot> slots_;
+  std::vector<int32_t> keys_;
+  std::vector<uint64_t> hashes_;
+};
+
+struct SplatEntry {
+  int32_t pixel;
+  float weight;
+};
+
+// Layout of value arrays handed to filter(): pixel-major (N, K) or planar (K, N).
+enum class Layout { kPixelMajor, kPlanar };
+
+class Lattice {
+ public:
+  // Builds the lattice of N points. num_threads > 1 parallelises inside this one lattice.
+  // sse_pad: like the original SSE build, when N is not a multiple of 4 also insert the simplex
+  // vertices of the all-zero feature vector (padding lanes); they only act as blur relays.
+  void build(const FeatureSource& src, int num_threads, bool sse_pad = true);
+
+  // out = A * in for K channels at once. mask (N floats, may be null) multiplies the input per pixel
+  // (and, when mask_output, the output too). in/out may use either layout (the same for both).
+  void filter(const float* in, float* out, int k, Layout layout, const float* mask, bool mask_output,
+              int num_threads);
+
+  // The original's way, kept as a benchmark baseline: one channel at a time with value size 1,
+  // scatter splat, fresh zeroed buffers per channel, single thread. Planar (K, N) in and out.
+  void filter_per_channel(const float* in, float* out, int k, const float* mask);
+
+  int dim() const { return d_; }
+  int64_t num_points() const { return n_; }
+  int32_t lattice_size() const { return m_; }  // M, number of lattice points
+  std::size_t memory_bytes() const;
+  void release();  // frees all buffers (the object can be rebuilt afterwards)
+
+  // Read-only views, for tests.
+  const std::vector<int32_t>& offsets() const { return offset_; }  // N*(d+1) slots (index + 1)
+  const std::vector<float>& barycentric() const { return bary_; }  // N*(d+1)
+  const int32_t* key(int32_t m) const { return tables_[0].key(m); }
+
+ private:
+  int d_ = 0;
+  int64_t n_ = 0;
+  int32_t m_ = 0;
+  std::vector<float> bary_;           // N x (d+1)
+  std::vector<int32_t> offset_;       // N x (d+1): slot = lattice index + 1 (slot 0 = zero row)
+  std::vector<int32_t> neigh_;        // (d+1) x M x 2 slots
+  std::vector<int32_t> csr_start_;    // M+1
+  std::vector<SplatEntry> entries_;   // N*(d+1), grouped by lattice point, pixel order inside
+  std::vector<KeyTable> tables_;      // per-thread tables during build; tables_[0] is the lattice's
+  std::vector<std::vector<int32_t>> remap_;  // per thread: local index -> global index
+  std::vector<int32_t> counts_;       // threads x M
+  std::vector<int64_t> chunk_;        // pixel chunk boundaries of the build
+  int build_threads_ = 1;
+  // filter buffers (reused between calls)
+  std::vector<float> stage_;          // N x Kp
+  std::vector<float> v0_, v1_;        // (M+1) x Kp
+};
+
+// Batched bilateral / spatial filtering of B images: image (B, C, H, W), values (B, K, H, W),
+// out (B, K, H, W), optional mask (B, H, W). Parallel over images and inside images.
+void filter_image_batch(const float* image, int64_t b, int c, int64_t h, int64_t w, const float* values,
+                        int k, float* out, float sigma_xy, float sigma_rgb, const float* mask,
+                        bool mask_output, int num_threads, bool sse_pad);
+
+// Same for explicit features: features (B, N, d), values/out (B, K, N) planar.
+void filter_feature_batch(const float* features, int64_t b, int64_t n, int d, const float* values, int k,
+                          float* out, int num_threads, bool sse_pad);
+
+// The baseline batch: images in parallel (one thread each), one channel at a time.
+void filter_image_batch_per_channel(const float* image, int64_t b, int c, int64_t h, int64_t w,
+                                    const float* values, int k, float* out, float sigma_xy,
+                                    float sigma_rgb, const float* mask, int num_threads, bool sse_pad);
+
+// Frees the lattices cached for the batched functions.
+void release_workspaces();
+std::size_t workspace_bytes();
+
+bool have_openmp();
+int max_threads();
+const char* kernel_isa();  // "avx2" or "baseline"
+
+}  // namespace rloss

@@ -1,0 +1,251 @@
+"""A pycaffe-like face over `rloss.net.Net`, so Caffe users' scripts run with only the import changed:
+
+    from rloss import caffe
+    net = caffe.Net("deploy.prototxt", "weights.caffemodel", caffe.TEST)
+    net.blobs["data"].data[...] = image
+    out = net.forward()
+    net.backward()
+    net.params["conv1"][0].diff
+
+Blob data and diffs are numpy arrays that share memory with the net's tensors where Caffe's do
+(inputs, parameters), so writing into them changes what the net computes, as in pycaffe.
+`${VAR}` placeholders in prototxt files are taken from the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from rloss.errors import NetError
+from rloss.net import Net as _Net
+from rloss.proto import caffe_pb2
+
+TRAIN = caffe_pb2.TRAIN
+TEST = caffe_pb2.TEST
+_device = {"type": "cpu", "index": 0}
+
+
+def set_mode_cpu() -> None:
+    """Run nets built afterwards on the CPU."""
+    _device["type"] = "cpu"
+
+
+def set_mode_gpu() -> None:
+    """Run nets built afterwards on CUDA (device from set_device); falls back to the CPU if absent."""
+    _device["type"] = "cuda"
+
+
+def set_device(index: int) -> None:
+    _device["index"] = int(index)
+
+
+def current_device() -> torch.device:
+    if _device["type"] == "cuda" and torch.cuda.is_available():
+        return torch.device("cuda", _device["index"])
+    return torch.device("cpu")
+
+
+class Blob:
+    """A named blob: `.data` and `.diff` as numpy arrays (N, C, H, W)."""
+
+    def __init__(self, owner: "Net", name: str):
+        self._owner = owner
+        self._name = name
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._owner._data_array(self._name)
+
+    @data.setter
+    def data(self, value) -> None:
+        self.data[...] = value
+
+    @property
+    def diff(self) -> np.ndarray:
+        return self._owner._diff_array(self._name)
+
+    @diff.setter
+    def diff(self, value) -> None:
+        self.diff[...] = value
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def count(self) -> int:
+        return int(np.prod(self.shape))
+
+    def _axis(self, index: int) -> int:
+        shape = self.shape
+        return shape[index] if len(shape) > index else 1
+
+    num = property(lambda self: self._axis(0))
+    channels = property(lambda self: self._axis(1))
+    height = property(lambda self: self._axis(2))
+    width = property(lambda self: self._axis(3))
+
+    def reshape(self, *shape: int) -> None:
+        """Give an input blob a new shape (its values become zeros), as pycaffe's Blob.reshape."""
+        self._owner._reshape_input(self._name, tuple(int(s) for s in shape))
+
+
+class Param:
+    """One parameter blob of a layer: `.data` (shares memory with the weights) and `.diff`."""
+
+    def __init__(self, tensor: torch.nn.Parameter):
+        self._tensor = tensor
+
+    @property
+    def data(self) -> np.ndarray:
+        return _numpy_view(self._tensor.data)
+
+    @data.setter
+    def data(self, value) -> None:
+        self.data[...] = value
+
+    @property
+    def diff(self) -> np.ndarray:
+        if self._tensor.grad is None:
+            self._tensor.grad = torch.zeros_like(self._tensor)
+        return _numpy_view(self._tensor.grad)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._tensor.shape)
+
+    @property
+    def count(self) -> int:
+        return self._tensor.numel()
+
+
+def _numpy_view(tensor: torch.Tensor) -> np.ndarray:
+    """Shares memory on the CPU; a copy for CUDA tensors (pycaffe's GPU blobs are also synced copies)."""
+    return tensor.detach().numpy() if tensor.device.type == "cpu" else tensor.detach().cpu().numpy()
+
+
+class Net:
+    """pycaffe's `caffe.Net(model, [weights], phase)`; also accepts `weights=` and `phase=` keywords."""
+
+    def __init__(self, model: Union[str, Path], *args, weights: Optional[str] = None, phase: Optional[int] = None):
+        if len(args) == 1:
+            phase = args[0] if phase is None else phase
+        elif len(args) == 2:
+            weights, phase = args
+        elif len(args) > 2:
+            raise TypeError("Net(model, [weights], phase)")
+        if phase not in (TRAIN, TEST):
+            raise NetError(f"Net({model!r}): phase must be caffe.TRAIN or caffe.TEST")
+        self._net = _Net.from_prototxt(model, phase, values=dict(os.environ))
+        self._net.to(current_device())
+        self._net.keep_blob_diffs = True
+        if weights:
+            self.copy_from(weights)
+        self._diffs: dict[str, np.ndarray] = {}
+        self._seed_loss_diffs()
+        self.blobs: OrderedDict[str, Blob] = OrderedDict((name, Blob(self, name)) for name in self._blob_names())
+        self.params: OrderedDict[str, list[Param]] = OrderedDict(
+            (layer, [Param(p) for p in blobs]) for layer, blobs in self._net.params.items()
+        )
+
+    @classmethod
+    def _wrap(cls, net: _Net) -> "Net":
+        """Wrap an already built net (the solver's) without rebuilding it."""
+        self = cls.__new__(cls)
+        self._net = net
+        net.keep_blob_diffs = True
+        self._diffs = {}
+        self._seed_loss_diffs()
+        self.blobs = OrderedDict((name, Blob(self, name)) for name in self._blob_names())
+        self.params = OrderedDict((layer, [Param(p) for p in blobs]) for layer, blobs in net.params.items())
+        return self
+
+    # ---- pycaffe API ------------------------------------------------------------------------
+    @property
+    def inputs(self) -> list[str]:
+        return list(self._net.inputs)
+
+    @property
+    def outputs(self) -> list[str]:
+        return list(self._net.outputs)
+
+    @property
+    def layers(self) -> list:
+        return list(self._net.layers)
+
+    @property
+    def _layer_names(self) -> list[str]:
+        return self._net.layer_names()
+
+    @property
+    def top_names(self) -> OrderedDict:
+        return OrderedDict((n, self._net.layer_tops(n)) for n in self._net.layer_names())
+
+    @property
+    def bottom_names(self) -> OrderedDict:
+        return OrderedDict((n, self._net.layer_bottoms(n)) for n in self._net.layer_names())
+
+    def forward(self, blobs: Optional[list[str]] = None, **inputs) -> dict[str, np.ndarray]:
+        """Run the net; keyword arguments set input blobs first. Returns the output blobs' data."""
+        for name, value in inputs.items():
+            self.blobs[name].data[...] = value
+        self._loss = self._net.forward()
+        return {name: self.blobs[name].data for name in list(self.outputs) + list(blobs or [])}
+
+    def backward(self, diffs: Optional[list[str]] = None, **output_diffs) -> dict[str, np.ndarray]:
+        """Back-propagate from the diffs the output blobs hold (loss tops hold their loss weight);
+        keyword arguments set output diffs first. Returns the input blobs' diffs."""
+        for name, value in output_diffs.items():
+            self.blobs[name].diff[...] = value
+        seeds = {name: torch.from_numpy(self._diff_array(name)) for name in self.outputs}
+        for name, weight in self._net.loss_top_names():
+            seeds.setdefault(name, torch.full(self._net.blob_data[name].shape, weight))
+        self._net.backward_from(seeds)
+        keep = set(seeds)
+        for name in self.blobs:
+            if name not in keep:
+                self._diffs[name] = self._net.blob_diff(name).detach().cpu().numpy()
+        return {name: self.blobs[name].diff for name in list(self.inputs) + list(diffs or [])}
+
+    def copy_from(self, path: Union[str, Path]) -> None:
+        self._net.copy_from(str(path))
+
+    def save(self, path: Union[str, Path]) -> None:
+        self._net.save(str(path))
+
+    def reshape(self) -> None:
+        """Shapes follow the inputs at every forward; kept for pycaffe compatibility."""
+
+    # ---- internals --------------------------------------------------------------------------
+    def _blob_names(self) -> list[str]:
+        return [name for name in self._net.blob_shapes if not name.startswith("(")]
+
+    def _seed_loss_diffs(self) -> None:
+        for name, weight in self._net.loss_top_names():
+            if not name.startswith("("):
+                self._diffs[name] = np.full(self._net.blob_shapes[name], weight, dtype=np.float32)
+
+    def _data_array(self, name: str) -> np.ndarray:
+        if name in self._net.inputs:
+            return _numpy_view(self._net.input_tensor(name))
+        value = self._net.blob_data.get(name)
+        if value is None:
+            return np.zeros(self._net.blob_shapes[name], dtype=np.float32)
+        return _numpy_view(value)
+
+    def _diff_array(self, name: str) -> np.ndarray:
+        if name not in self._diffs or self._diffs[name].shape != self._data_array(name).shape:
+            self._diffs[name] = np.zeros(self._data_array(name).shape, dtype=np.float32)
+        return self._diffs[name]
+
+    def _reshape_input(self, name: str, shape: tuple[int, ...]) -> None:
+        if name not in self._net.inputs:
+            raise NetError(f"blob '{name}' is not a net input; only inputs can be reshaped")
+        self._net.feed(name, torch.zeros(shape, device=self._net.device))
+        self._diffs.pop(name, None)

@@ -1,0 +1,123 @@
+"""The contract every Caffe layer class follows.
+
+A layer is built from its `LayerParameter` and its bottoms' shapes, checks them, creates its
+parameter blobs, and knows its tops' shapes before any data flows (Caffe's SetUp + Reshape).
+Forward is plain PyTorch; backward comes from autograd unless a layer defines its own
+`torch.autograd.Function` (where Caffe's gradient is not the autograd one).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Optional, Sequence
+
+import torch
+from torch import nn
+
+from rloss.errors import LayerError
+from rloss.layers.fillers import fill
+from rloss.proto import caffe_pb2
+from rloss.proto.blob import blob_shape, blob_to_array
+
+Shape = tuple[int, ...]
+
+
+class Layer(nn.Module):
+    """One Caffe layer. Subclasses set the class attributes and implement `setup`, `reshape`, `forward`.
+
+    Class attributes:
+      bottoms: (min, max) number of bottoms, max None = unbounded.
+      tops: (min, max) number of tops as written in the prototxt, max None = unbounded.
+      auto_tops: tops Caffe creates anonymously when the prototxt names fewer (ImageSegData 3,
+        SoftmaxWithLoss/DenseCRFLoss 1); forward must return max(len(param.top), auto_tops) tensors.
+      default_loss_weight: loss weight of top 0 when the prototxt gives none (1 for Caffe loss layers).
+      no_gradient_bottoms: bottom indices that can never receive a gradient (labels); asking for
+        one is an error, as in Caffe.
+    """
+
+    type_name: ClassVar[str] = ""
+    bottoms: ClassVar[tuple[int, Optional[int]]] = (1, 1)
+    tops: ClassVar[tuple[int, Optional[int]]] = (1, 1)
+    auto_tops: ClassVar[int] = 0
+    default_loss_weight: ClassVar[float] = 0.0
+    no_gradient_bottoms: ClassVar[tuple[int, ...]] = ()
+
+    def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int = caffe_pb2.TRAIN):
+        super().__init__()
+        self.param = param
+        self.name: str = param.name
+        self.phase: int = param.phase if param.HasField("phase") else phase
+        self.blobs = nn.ParameterList()
+        self.num_tops = max(len(param.top), self.auto_tops)
+        self._check_count("bottom", len(bottom_shapes), self.bottoms)
+        self._check_count("top", len(param.top), self.tops)
+        shapes = [tuple(int(d) for d in s) for s in bottom_shapes]
+        self.setup(shapes)
+        if len(param.blobs) > len(self.blobs):
+            raise self.error(f"the file gives {len(param.blobs)} parameter blobs, the layer has {len(self.blobs)}")
+        self.top_shapes: list[Shape] = [tuple(s) for s in self.reshape(shapes)]
+        self.loss_weights: list[float] = self._loss_weights()
+
+    # ---- to implement -------------------------------------------------------------------------
+    def setup(self, bottom_shapes: list[Shape]) -> None:
+        """Read and check parameters; create parameter blobs with `add_blob` (Caffe's LayerSetUp)."""
+
+    def reshape(self, bottom_shapes: list[Shape]) -> list[Shape]:
+        """The tops' shapes for these bottoms' shapes; raise `self.error(...)` on a mismatch."""
+        raise NotImplementedError
+
+    def forward(self, *bottoms: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
+        """The tops, computed from the bottoms (Caffe's Forward)."""
+        raise NotImplementedError
+
+    # ---- helpers for subclasses ---------------------------------------------------------------
+    def error(self, message: str) -> LayerError:
+        """An error naming this layer and its type."""
+        return LayerError(self.name, self.type_name, message)
+
+    def add_blob(self, shape: Sequence[int], filler=None) -> nn.Parameter:
+        """Create the next parameter blob: from the LayerParameter's stored blobs when it has them
+        (a net built from a .caffemodel), else filled by `filler` (None = constant 0)."""
+        shape = tuple(int(d) for d in shape)
+        index = len(self.blobs)
+        if index < len(self.param.blobs):
+            stored = self.param.blobs[index]
+            if blob_shape(stored) != shape:
+                raise self.error(f"stored blob {index} has shape {blob_shape(stored)}, the layer needs {shape}")
+            data = torch.from_numpy(blob_to_array(stored, f"layer '{self.name}' blob {index}").copy())
+        else:
+            data = fill(shape, filler)
+        blob = nn.Parameter(data)
+        self.blobs.append(blob)
+        return blob
+
+    def check_same_shape(self, bottom_shapes: list[Shape], first: int = 0, second: int = 1) -> None:
+        if bottom_shapes[first] != bottom_shapes[second]:
+            raise self.error(
+                f"bottoms {first} and {second} must have the same shape, got "
+                f"{bottom_shapes[first]} and {bottom_shapes[second]}"
+            )
+
+    def check_axes(self, bottom_shapes: list[Shape], index: int, axes: int) -> None:
+        if len(bottom_shapes[index]) != axes:
+            raise self.error(f"bottom {index} must have {axes} axes, got shape {bottom_shapes[index]}")
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _check_count(self, what: str, count: int, bounds: tuple[int, Optional[int]]) -> None:
+        low, high = bounds
+        if count < low or (high is not None and count > high):
+            wanted = f"{low}" if low == high else f"{low}..{'any' if high is None else high}"
+            raise self.error(f"needs {wanted} {what}s, the prototxt gives {count}")
+
+    def _loss_weights(self) -> list[float]:
+        given = list(self.param.loss_weight)
+        if given:
+            if len(given) != self.num_tops:
+                raise self.error(f"{len(given)} loss_weight values for {self.num_tops} tops")
+            return [float(w) for w in given]
+        weights = [0.0] * self.num_tops
+        if self.num_tops and self.default_loss_weight:
+            weights[0] = self.default_loss_weight
+        return weights
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, type={self.type_name}, tops={self.top_shapes}"

@@ -1,0 +1,382 @@
+"""`Net`: a Caffe NetParameter built into a graph of PyTorch layer objects with Caffe's semantics.
+
+Layers run in file order; blobs are looked up by name; an in-place top rebinds its name to the new
+tensor; Split layers (inserted as Caffe does) give fan-out; `param { name }` makes layers share one
+`nn.Parameter`; propagate_down false detaches a bottom; the objective is the sum over tops of
+loss_weight * sum(top). Backward comes from autograd.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from rloss.errors import LayerError, NetError, RlossError
+from rloss.layers import Layer, layer_class, layer_types
+from rloss.proto import caffe_pb2
+from rloss.wiring import insert_splits
+
+log = logging.getLogger("rloss")
+Shape = tuple[int, ...]
+
+
+@dataclass
+class LearnableParam:
+    """One owner parameter as the solver sees it (Caffe's learnable_params_ entry)."""
+
+    tensor: nn.Parameter
+    lr_mult: float
+    decay_mult: float
+    owner: str  # "layer/index", for messages
+
+
+@dataclass
+class _Step:
+    """One layer of the built net, with the blob names it reads and writes."""
+
+    layer: Layer
+    bottoms: list[str]
+    tops: list[str]  # anonymous tops get unique internal names starting with "("
+    detach: list[bool]  # per bottom: propagate_down false, or a bottom the layer never differentiates
+    loss_tops: list[tuple[int, float]]  # (top index, loss weight) with weight != 0
+
+
+class Net(nn.Module):
+    """A built Caffe net for one phase.
+
+    Build with `Net(net_param, phase)` from an already phase-filtered NetParameter, or with
+    `Net.from_prototxt(path, phase, ...)`. `forward(feeds)` runs every layer and returns the loss;
+    blobs of the last forward are in `blob_data` (and their gradients, after a backward with
+    `keep_blob_diffs`, through `blob_diff`).
+    """
+
+    def __init__(self, net_param, phase: int = caffe_pb2.TEST, source: str = "<net>"):
+        super().__init__()
+        self.name: str = net_param.name
+        self.phase = phase
+        self.source = source
+        self.force_backward: bool = net_param.force_backward
+        self.inputs: dict[str, Shape] = dict(_net_inputs(net_param, source))
+        self.net_param = insert_splits(net_param, list(self.inputs))
+        self.layers = nn.ModuleList()
+        self._steps: list[_Step] = []
+        self.blob_shapes: dict[str, Shape] = dict(self.inputs)
+        self.producers: dict[str, str] = {name: "input" for name in self.inputs}
+        self._build()
+        self.learnable: list[LearnableParam] = []
+        self.params: dict[str, list[nn.Parameter]] = {}
+        self._share_params()
+        self.outputs: list[str] = self._find_outputs()
+        self._feeds: dict[str, torch.Tensor] = {}
+        self.blob_data: dict[str, torch.Tensor] = {}
+        self._first_version: dict[str, torch.Tensor] = {}
+        self.keep_blob_diffs = False
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_prototxt(
+        cls,
+        path: str | Path,
+        phase: int = caffe_pb2.TEST,
+        values: Optional[Mapping[str, str]] = None,
+        level: int = 0,
+        stages: Sequence[str] = (),
+        defaults: Optional[Mapping[str, str]] = None,
+    ) -> Net:
+        """Read a net prototxt (expanding `${VAR}`s, upgrading V1) and build it for `phase`."""
+        from rloss.proto.netstate import filter_net, make_state
+        from rloss.proto.text import read_net
+
+        net_param = read_net(str(path), values=values, defaults=defaults)
+        state = make_state(phase, level, stages)
+        if net_param.HasField("state"):
+            state.MergeFrom(net_param.state)
+            state.phase = phase
+        return cls(filter_net(net_param, state), phase, source=str(path))
+
+    def _where(self, param) -> str:
+        return f"{self.source}: layer '{param.name}' (type {param.type})"
+
+    def _build(self) -> None:
+        available: set[str] = set(self.inputs)
+        anonymous = 0
+        names_seen: set[str] = set()
+        for param in self.net_param.layer:
+            if param.name in names_seen and param.name:
+                log.warning("%s: a second layer is named '%s'", self.source, param.name)
+            names_seen.add(param.name)
+            if not param.HasField("phase"):
+                param.phase = self.phase
+            cls = layer_class(param.type)
+            if cls is None:
+                close = difflib.get_close_matches(param.type, layer_types(), n=3)
+                hint = f"; did you mean {' or '.join(close)}?" if close else f"; known types: {', '.join(layer_types())}"
+                raise NetError(f"{self._where(param)}: unknown layer type '{param.type}'{hint}")
+            if param.propagate_down and len(param.propagate_down) != len(param.bottom):
+                raise NetError(
+                    f"{self._where(param)}: {len(param.propagate_down)} propagate_down values "
+                    f"for {len(param.bottom)} bottoms (give none or one per bottom)"
+                )
+            for index, bottom in enumerate(param.bottom):
+                if bottom not in available:
+                    known = "produced earlier but already consumed" if bottom in self.blob_shapes else "not produced by any earlier layer"
+                    raise NetError(f"{self._where(param)}: unknown bottom blob '{bottom}' (bottom {index}): {known}")
+            bottom_shapes = [self.blob_shapes[b] for b in param.bottom]
+            try:
+                layer = cls(param, bottom_shapes, self.phase)
+            except LayerError as error:
+                raise NetError(f"{self.source}: {error}") from None
+            tops = list(param.top)
+            for index, top in enumerate(tops):
+                in_place = index < len(param.bottom) and param.bottom[index] == top
+                if not in_place and top in self.blob_shapes:
+                    raise NetError(
+                        f"{self._where(param)}: top '{top}' is produced by multiple sources "
+                        f"(first by '{self.producers[top]}'); in-place use needs top {index} == bottom {index}"
+                    )
+            for bottom in param.bottom:
+                available.discard(bottom)
+            for _ in range(layer.num_tops - len(tops)):
+                tops.append(f"(automatic {anonymous})")
+                anonymous += 1
+            for top, shape in zip(tops, layer.top_shapes):
+                available.add(top)
+                self.blob_shapes[top] = shape
+                self.producers.setdefault(top, param.name)
+            detach = [bool(param.propagate_down) and not param.propagate_down[i] for i in range(len(param.bottom))]
+            for i in cls.no_gradient_bottoms:
+                if i < len(detach):
+                    detach[i] = True
+            loss_tops = [(i, w) for i, w in enumerate(layer.loss_weights) if w != 0]
+            self.layers.append(layer)
+            self._steps.append(_Step(layer, list(param.bottom), tops, detach, loss_tops))
+        self._available = available
+
+    def _share_params(self) -> None:
+        owners: dict[str, tuple[nn.Parameter, LearnableParam, bool, bool]] = {}
+        for step in self._steps:
+            layer, specs = step.layer, step.layer.param.param
+            if len(specs) > len(layer.blobs):
+                raise NetError(
+                    f"{self._where(layer.param)}: {len(specs)} param specs for {len(layer.blobs)} parameter blobs"
+                )
+            for j in range(len(layer.blobs)):
+                spec = specs[j] if j < len(specs) else caffe_pb2.ParamSpec()
+                blob = layer.blobs[j]
+                if not spec.name or spec.name not in owners:
+                    entry = LearnableParam(blob, spec.lr_mult, spec.decay_mult, f"{layer.name}/{j}")
+                    self.learnable.append(entry)
+                    if spec.name:
+                        owners[spec.name] = (blob, entry, spec.HasField("lr_mult"), spec.HasField("decay_mult"))
+                    continue
+                owner_blob, entry, lr_set, decay_set = owners[spec.name]
+                self._check_share(layer, j, spec, owner_blob, blob)
+                if spec.HasField("lr_mult"):
+                    if lr_set and spec.lr_mult != entry.lr_mult:
+                        raise NetError(f"{self._where(layer.param)}: shared param '{spec.name}' has lr_mult "
+                                       f"{spec.lr_mult}, its owner {entry.owner} has {entry.lr_mult}")
+                    entry.lr_mult, lr_set = spec.lr_mult, True
+                if spec.HasField("decay_mult"):
+                    if decay_set and spec.decay_mult != entry.decay_mult:
+                        raise NetError(f"{self._where(layer.param)}: shared param '{spec.name}' has decay_mult "
+                                       f"{spec.decay_mult}, its owner {entry.owner} has {entry.decay_mult}")
+                    entry.decay_mult, decay_set = spec.decay_mult, True
+                owners[spec.name] = (owner_blob, entry, lr_set, decay_set)
+                layer.blobs[j] = owner_blob
+        for entry in self.learnable:
+            entry.tensor.requires_grad_(entry.lr_mult != 0)
+        self.params = {step.layer.name: list(step.layer.blobs) for step in self._steps if len(step.layer.blobs)}
+
+    def _check_share(self, layer: Layer, j: int, spec, owner: nn.Parameter, blob: nn.Parameter) -> None:
+        permissive = spec.share_mode == caffe_pb2.ParamSpec.PERMISSIVE
+        same = owner.numel() == blob.numel() if permissive else owner.shape == blob.shape
+        if not same:
+            rule = "element count" if permissive else "shape"
+            raise NetError(
+                f"{self._where(layer.param)}: param {j} shares '{spec.name}' but its {rule} differs: "
+                f"{tuple(blob.shape)} vs the owner's {tuple(owner.shape)}"
+            )
+
+    def _find_outputs(self) -> list[str]:
+        return sorted(name for name in self._available if not name.startswith("("))
+
+    # ---- running ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        for entry in self.learnable:
+            return entry.tensor.device
+        return torch.device("cpu")
+
+    def feed(self, name: str, value: torch.Tensor) -> None:
+        """Set the value of a net input (a blob declared with `input:`) for the next forward."""
+        if name not in self.inputs:
+            raise NetError(f"{self.source}: '{name}' is not an input of the net (inputs: {', '.join(self.inputs) or 'none'})")
+        self._feeds[name] = value
+
+    def input_tensor(self, name: str) -> torch.Tensor:
+        """The tensor an input blob holds (zeros of its declared shape until fed)."""
+        if name not in self._feeds:
+            self._feeds[name] = torch.zeros(self.inputs[name], device=self.device)
+        return self._feeds[name]
+
+    def forward(self, feeds: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:  # type: ignore[override]
+        """Run every layer; return the objective sum(loss_weight * top) as a 0-d tensor."""
+        for name, value in (feeds or {}).items():
+            self.feed(name, value)
+        blobs: dict[str, torch.Tensor] = {}
+        first: dict[str, torch.Tensor] = {}
+        device = self.device
+        for name in self.inputs:
+            value = self.input_tensor(name).to(device)
+            if self.force_backward and torch.is_grad_enabled():
+                value = value.detach().requires_grad_(True)
+            blobs[name] = first[name] = value
+        loss = torch.zeros((), device=device)
+        for step in self._steps:
+            bottoms = [blobs[b].detach() if d else blobs[b] for b, d in zip(step.bottoms, step.detach)]
+            try:
+                tops = step.layer(*bottoms)
+            except RlossError:
+                raise
+            except RuntimeError as error:
+                shapes = [tuple(b.shape) for b in bottoms]
+                raise NetError(f"{self._where(step.layer.param)}: forward failed on bottoms {shapes}: {error}") from None
+            if not step.bottoms:
+                tops = [t.to(device) for t in tops]
+            for name, value in zip(step.tops, tops):
+                if name not in first or name not in step.bottoms:
+                    first[name] = value
+                blobs[name] = value
+            for index, weight in step.loss_tops:
+                loss = loss + weight * tops[index].sum()
+        if self.keep_blob_diffs and torch.is_grad_enabled():
+            for value in first.values():
+                if value.requires_grad:
+                    value.retain_grad()
+        self.blob_data, self._first_version = blobs, first
+        return loss
+
+    def blob_diff(self, name: str) -> torch.Tensor:
+        """The gradient Caffe would hold in blob `name`'s diff after the last backward (zeros if none).
+
+        For an in-place chain that is the gradient of the first producer's output, as in Caffe where
+        every in-place layer's backward overwrites the shared diff with its bottom's gradient."""
+        value = self._first_version.get(name)
+        if value is None:
+            raise NetError(f"{self.source}: no blob '{name}' (run forward first)")
+        grad = value.grad if value.requires_grad else None
+        return grad if grad is not None else torch.zeros_like(value)
+
+    def loss_top_names(self) -> list[tuple[str, float]]:
+        """(blob name, loss weight) of every top that is part of the objective."""
+        return [(step.tops[i], w) for step in self._steps for i, w in step.loss_tops]
+
+    def backward_from(self, top_diffs: Mapping[str, torch.Tensor]) -> None:
+        """Back-propagate from the given diffs of blobs (pycaffe's backward: loss tops seeded with
+        their loss weights, outputs with the diffs they hold)."""
+        tensors, grads = [], []
+        for name, diff in top_diffs.items():
+            value = self.blob_data[name]
+            if value.requires_grad:
+                tensors.append(value)
+                grads.append(diff.to(value.device, value.dtype).reshape(value.shape))
+        if tensors:
+            torch.autograd.backward(tensors, grads)
+
+    def layer_names(self) -> list[str]:
+        return [step.layer.name for step in self._steps]
+
+    def layer_bottoms(self, name: str) -> list[str]:
+        return self._step(name).bottoms
+
+    def layer_tops(self, name: str) -> list[str]:
+        return self._step(name).tops
+
+    def _step(self, name: str) -> _Step:
+        for step in self._steps:
+            if step.layer.name == name:
+                return step
+        raise NetError(f"{self.source}: no layer named '{name}'")
+
+    # ---- weights ------------------------------------------------------------------------------
+    def to_proto(self, with_diff: bool = False):
+        """The net as Caffe's ToProto writes it: every layer (Splits included), with its blobs."""
+        from rloss.proto.blob import array_to_blob
+
+        out = caffe_pb2.NetParameter(name=self.name)
+        out.input.extend(self.inputs)
+        for name, shape in self.inputs.items():
+            out.input_shape.add().dim.extend(shape)
+        for step in self._steps:
+            layer_param = out.layer.add()
+            layer_param.CopyFrom(step.layer.param)
+            del layer_param.blobs[:]
+            for blob in step.layer.blobs:
+                diff = None
+                if with_diff:
+                    diff = (blob.grad if blob.grad is not None else torch.zeros_like(blob)).detach().cpu().numpy()
+                layer_param.blobs.append(array_to_blob(blob.detach().cpu().numpy(), diff))
+        return out
+
+    def save(self, path: str | Path, with_diff: bool = False) -> None:
+        """Write the weights as a binary .caffemodel (atomically)."""
+        from rloss.io import write_message_atomic
+
+        write_message_atomic(self.to_proto(with_diff), str(path))
+
+    def copy_from(self, source) -> None:
+        """Copy weights from a .caffemodel path (or a NetParameter) into layers of the same name, as
+        Caffe's CopyTrainedLayersFrom does: unknown source layers are skipped with a log line."""
+        from rloss.io import read_net_param
+        from rloss.proto.blob import blob_shape, blob_to_array, legacy_shape_matches
+
+        where = str(source) if isinstance(source, (str, Path)) else "<weights>"
+        net_param = read_net_param(str(source)) if isinstance(source, (str, Path)) else source
+        by_name: dict[str, Layer] = {}
+        for step in self._steps:
+            by_name.setdefault(step.layer.name, step.layer)
+        for source_layer in net_param.layer:
+            target = by_name.get(source_layer.name)
+            if target is None:
+                log.info("Ignoring source layer %s", source_layer.name)
+                continue
+            if len(source_layer.blobs) != len(target.blobs):
+                raise NetError(
+                    f"{where}: layer '{source_layer.name}' has {len(source_layer.blobs)} blobs in the file, "
+                    f"{len(target.blobs)} in the net {self.source}"
+                )
+            for j, blob in enumerate(source_layer.blobs):
+                shape = tuple(target.blobs[j].shape)
+                if not legacy_shape_matches(blob, shape):
+                    raise NetError(
+                        f"{where}: layer '{source_layer.name}' blob {j} has shape {blob_shape(blob)} in the file, "
+                        f"{shape} in the net {self.source}"
+                    )
+                values = blob_to_array(blob, f"{where}: layer '{source_layer.name}' blob {j}")
+                with torch.no_grad():
+                    target.blobs[j].copy_(torch.from_numpy(values.reshape(shape)))
+
+    def learnable_tensors(self) -> Iterable[nn.Parameter]:
+        return (entry.tensor for entry in self.learnable)
+
+
+def _net_inputs(net_param, source: str) -> list[tuple[str, Shape]]:
+    """Net-level inputs (deploy style): `input` with `input_shape` (one or one each) or 4 `input_dim`s each."""
+    names = list(net_param.input)
+    if net_param.input_shape:
+        shapes = [tuple(int(d) for d in s.dim) for s in net_param.input_shape]
+        if len(shapes) == 1 and len(names) > 1:
+            shapes = shapes * len(names)
+        if len(shapes) != len(names):
+            raise NetError(f"{source}: {len(names)} inputs but {len(shapes)} input_shape entries")
+        return list(zip(names, shapes))
+    dims = [int(d) for d in net_param.input_dim]
+    if len(dims) != 4 * len(names):
+        raise NetError(f"{source}: {len(names)} inputs need {4 * len(names)} input_dim values, got {len(dims)}")
+    return [(name, tuple(dims[4 * i : 4 * i + 4])) for i, name in enumerate(names)]

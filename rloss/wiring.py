@@ -1,0 +1,76 @@
+"""Caffe's rewrite of a net before it is built: a `Split` layer after every blob version that more than
+one layer consumes, named exactly as Caffe names them, so blob names, per-consumer diffs and saved
+models match Caffe's."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from rloss.proto import caffe_pb2
+
+INPUT_PRODUCER = -1  # pseudo layer index of the net-level inputs; Caffe names it "input"
+
+
+def _split_layer_name(blob: str, producer: str, top_index: int) -> str:
+    return f"{blob}_{producer}_{top_index}_split"
+
+
+def insert_splits(net_param, input_names: list[str]):
+    """A copy of `net_param` with Split layers inserted, as Caffe's InsertSplits does.
+
+    A use of a top as a loss (an explicit non-zero loss_weight) counts as one consumer."""
+    producer_of: dict[str, tuple[int, int]] = {name: (INPUT_PRODUCER, i) for i, name in enumerate(input_names)}
+    consumers: dict[tuple[int, int], int] = defaultdict(int)
+    bottom_source: dict[tuple[int, int], tuple[int, int]] = {}
+    loss_weight_of: dict[tuple[int, int], float] = {}
+    for li, layer in enumerate(net_param.layer):
+        for bi, name in enumerate(layer.bottom):
+            if name in producer_of:  # unknown bottoms are reported by the net builder, with context
+                source = producer_of[name]
+                bottom_source[(li, bi)] = source
+                consumers[source] += 1
+        for ti, name in enumerate(layer.top):
+            producer_of[name] = (li, ti)
+        for ti in range(min(len(layer.loss_weight), len(layer.top))):
+            source = producer_of[layer.top[ti]]
+            loss_weight_of[source] = layer.loss_weight[ti]
+            if layer.loss_weight[ti]:
+                consumers[source] += 1
+
+    def producer_name(index: int) -> str:
+        return "input" if index == INPUT_PRODUCER else net_param.layer[index].name
+
+    def blob_name(source: tuple[int, int]) -> str:
+        index, top = source
+        return input_names[top] if index == INPUT_PRODUCER else net_param.layer[index].top[top]
+
+    def split_layer(source: tuple[int, int]):
+        name, producer = blob_name(source), producer_name(source[0])
+        split = caffe_pb2.LayerParameter(name=_split_layer_name(name, producer, source[1]), type="Split")
+        split.bottom.append(name)
+        split.top.extend(f"{split.name}_{k}" for k in range(consumers[source]))
+        weight = loss_weight_of.get(source, 0.0)
+        if weight:
+            split.loss_weight.extend([weight] + [0.0] * (consumers[source] - 1))
+        return split
+
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(net_param)
+    del out.layer[:]
+    used: dict[tuple[int, int], int] = defaultdict(int)
+    for i in range(len(input_names)):
+        if consumers[(INPUT_PRODUCER, i)] > 1:
+            out.layer.append(split_layer((INPUT_PRODUCER, i)))
+    for li, layer in enumerate(net_param.layer):
+        copy = out.layer.add()
+        copy.CopyFrom(layer)
+        for bi in range(len(layer.bottom)):
+            source = bottom_source.get((li, bi))
+            if source is not None and consumers[source] > 1:
+                split_name = _split_layer_name(blob_name(source), producer_name(source[0]), source[1])
+                copy.bottom[bi] = f"{split_name}_{used[source]}"
+                used[source] += 1
+        for ti in range(len(layer.top)):
+            if consumers[(li, ti)] > 1:
+                out.layer.append(split_layer((li, ti)))
+    return out
