@@ -37,6 +37,13 @@ KernelSet kernels_for(int kp) {
   return rloss_kernels_base::kernel_set(kp);
 }
 
+EmbedFn embed_kernel() {
+#ifdef RLOSS_HAVE_AVX2_KERNELS
+  if (use_avx2()) return rloss_kernels_avx2::embed_fn();
+#endif
+  return rloss_kernels_base::embed_fn();
+}
+
 const char* kernels_isa() { return use_avx2() ? "avx2" : "baseline"; }
 
 }  // namespace detail

@@ -1,4 +1,4 @@
-// Function-pointer table of the filter kernels (kernels_impl.h), chosen for the running CPU.
+// Function-pointer table of the SIMD kernels (kernels_impl.h), chosen for the running CPU.
 #pragma once
 
 #include <cstdint>
@@ -8,11 +8,21 @@
 namespace rloss {
 namespace detail {
 
+// Embeds kEmbedLanes points at once (spec 7.3 "Embedding"). f is [d][L] (feature-major), outputs are
+// [(d+1)][L]: rem0 (remainder-0 point after the sum fix), rank, barycentric weights b[0..d].
+// Returns max |rem0| over all coordinates and lanes, or -1 when a coordinate is NaN/Inf or beyond
+// the supported range.
+using EmbedFn = int32_t (*)(int d, const float* scale, const float* f, int32_t* rem0, int32_t* rank,
+                            float* bary);
+
 struct KernelSet {
+  // values -> X (N x kp, pixel-major, padding lanes 0), times mask; false when a value is NaN/Inf.
   bool (*stage)(const float* in, bool planar, int64_t n, int k, int kp, const float* mask, float* X,
                 int64_t p0, int64_t p1) = nullptr;
-  void (*splat)(const int32_t* start, const SplatEntry* ent, const float* X, float* V, int32_t m0,
-                int32_t m1, int kp) = nullptr;
+  // V[slot] += w * X[p] for points [p0, p1) in point order; only slots in [lo, hi) when pix_lo is given
+  // (points whose vertex slots all lie outside are skipped via pix_lo/pix_hi).
+  void (*splat)(const int32_t* offset, const float* bary, int dp1, const float* X, float* V, int64_t p0,
+                int64_t p1, int32_t lo, int32_t hi, const int32_t* pix_lo, const int32_t* pix_hi, int kp) = nullptr;
   void (*blur)(const float* Vin, float* Vout, const int32_t* nb, int32_t m0, int32_t m1, int kp) = nullptr;
   void (*slice)(const int32_t* offset, const float* bary, int dp1, const float* V, float alpha, int64_t n,
                 int k, int kp, bool planar, const float* mask, float* out, int64_t p0, int64_t p1) = nullptr;
@@ -24,6 +34,7 @@ inline int padded_channels(int k) { return k <= 4 ? k : (k + 7) / 8 * 8; }
 
 // Kernels for a padded channel count, for the best instruction set this CPU supports.
 KernelSet kernels_for(int kp);
+EmbedFn embed_kernel();
 const char* kernels_isa();
 
 }  // namespace detail

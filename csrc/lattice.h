@@ -27,6 +27,8 @@ struct InvalidArgument : std::invalid_argument {
 
 // Largest feature dimension supported (per-pixel scratch lives on the stack).
 constexpr int kMaxDim = 32;
+// Points embedded together by the SIMD embedding kernel.
+constexpr int kEmbedLanes = 16;
 
 // Where per-pixel features come from: either an (N, d) row-major array, or an image
 // (C planes of H x W) turned on the fly into (x/s_xy, y/s_xy, c_0/s_rgb, ..., c_{C-1}/s_rgb).
@@ -45,7 +47,7 @@ struct FeatureSource {
 };
 
 // Optional timing counters (nanoseconds, summed over calls; thread-time when images run in parallel).
-enum TimerId { kTEmbed = 0, kTMerge, kTNeighbours, kTCsr, kTStage, kTSplat, kTBlur, kTSlice, kNumTimers };
+enum TimerId { kTEmbed = 0, kTMerge, kTIndex, kTNeighbours, kTStage, kTSplat, kTBlur, kTSlice, kNumTimers };
 struct Timers {
   std::atomic<bool> enabled{false};
   std::atomic<int64_t> ns[kNumTimers];
@@ -83,9 +85,29 @@ class KeyTable {
   std::vector<uint64_t> hashes_;
 };
 
-struct SplatEntry {
-  int32_t pixel;
-  float weight;
+// Open-addressing hash table over keys packed into one uint64 (fields of `bits` bits per coordinate,
+// biased to be positive; 0 never occurs as a key and marks empty slots). The fast path.
+class PackedTable {
+ public:
+  void reset(std::size_t expected);
+  int32_t find_or_insert(uint64_t key);
+  int32_t find(uint64_t key) const;  // -1 when absent
+  int32_t size() const { return count_; }
+  uint64_t key(int32_t i) const { return keys_[static_cast<std::size_t>(i)]; }
+  std::size_t memory_bytes() const;
+  void release();
+
+ private:
+  void grow();
+  struct Slot {
+    uint64_t key;   // 0 = empty
+    int32_t index;
+    int32_t pad;
+  };
+  int32_t count_ = 0;
+  int shift_ = 64;
+  std::vector<Slot> slots_;
+  std::vector<uint64_t> keys_;
 };
 
 // Layout of value arrays handed to filter(): pixel-major (N, K) or planar (K, N).
@@ -95,8 +117,10 @@ class Lattice {
  public:
   // Builds the lattice of N points. num_threads > 1 parallelises inside this one lattice.
   // sse_pad: like the original SSE build, when N is not a multiple of 4 also insert the simplex
-  // vertices of the all-zero feature vector (padding lanes); they only act as blur relays.
-  void build(const FeatureSource& src, int num_threads, bool sse_pad = true);
+  // vertices of the all-zero feature vector (its padding lanes); they act as blur relays and change
+  // results measurably near the feature origin (up to ~1% of the gradient on the golden cases).
+  // force_generic_keys: use the int32-key hash table even when packed 64-bit keys would fit (tests).
+  void build(const FeatureSource& src, int num_threads, bool sse_pad = true, bool force_generic_keys = false);
 
   // out = A * in for K channels at once. mask (N floats, may be null) multiplies the input per pixel
   // (and, when mask_output, the output too). in/out may use either layout (the same for both).
@@ -110,28 +134,34 @@ class Lattice {
   int dim() const { return d_; }
   int64_t num_points() const { return n_; }
   int32_t lattice_size() const { return m_; }  // M, number of lattice points
+  bool packed_keys() const { return packed_; }
   std::size_t memory_bytes() const;
   void release();  // frees all buffers (the object can be rebuilt afterwards)
 
   // Read-only views, for tests.
   const std::vector<int32_t>& offsets() const { return offset_; }  // N*(d+1) slots (index + 1)
   const std::vector<float>& barycentric() const { return bary_; }  // N*(d+1)
-  const int32_t* key(int32_t m) const { return tables_[0].key(m); }
+  void key(int32_t m, int32_t* out) const;                         // d coordinates of lattice point m
 
  private:
+  template <class Keys>
+  bool build_with(const FeatureSource& src, int nt, bool sse_pad, Keys& keys);
+
   int d_ = 0;
   int64_t n_ = 0;
   int32_t m_ = 0;
+  bool packed_ = false;
+  int bits_ = 0;                      // field width of packed keys
   std::vector<float> bary_;           // N x (d+1)
   std::vector<int32_t> offset_;       // N x (d+1): slot = lattice index + 1 (slot 0 = zero row)
+  std::vector<int32_t> pix_lo_, pix_hi_;  // per point: smallest / largest slot of its vertices
   std::vector<int32_t> neigh_;        // (d+1) x M x 2 slots
-  std::vector<int32_t> csr_start_;    // M+1
-  std::vector<SplatEntry> entries_;   // N*(d+1), grouped by lattice point, pixel order inside
-  std::vector<KeyTable> tables_;      // per-thread tables during build; tables_[0] is the lattice's
+  std::vector<int64_t> cum_;          // M+1: splat contributions before lattice point m
+  std::vector<PackedTable> ptables_;  // per-thread tables during build; [0] is the lattice's
+  std::vector<KeyTable> gtables_;     // same for the generic int32 keys
   std::vector<std::vector<int32_t>> remap_;  // per thread: local index -> global index
   std::vector<int32_t> counts_;       // threads x M
   std::vector<int64_t> chunk_;        // pixel chunk boundaries of the build
-  int build_threads_ = 1;
   // filter buffers (reused between calls)
   std::vector<float> stage_;          // N x Kp
   std::vector<float> v0_, v1_;        // (M+1) x Kp

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ def current_device() -> torch.device:
 class Blob:
     """A named blob: `.data` and `.diff` as numpy arrays (N, C, H, W)."""
 
-    def __init__(self, owner: "Net", name: str):
+    def __init__(self, owner: Net, name: str):
         self._owner = owner
         self._name = name
 
@@ -133,7 +133,7 @@ def _numpy_view(tensor: torch.Tensor) -> np.ndarray:
 class Net:
     """pycaffe's `caffe.Net(model, [weights], phase)`; also accepts `weights=` and `phase=` keywords."""
 
-    def __init__(self, model: Union[str, Path], *args, weights: Optional[str] = None, phase: Optional[int] = None):
+    def __init__(self, model: Union[str, Path], *args, weights: str | None = None, phase: int | None = None):
         if len(args) == 1:
             phase = args[0] if phase is None else phase
         elif len(args) == 2:
@@ -142,29 +142,29 @@ class Net:
             raise TypeError("Net(model, [weights], phase)")
         if phase not in (TRAIN, TEST):
             raise NetError(f"Net({model!r}): phase must be caffe.TRAIN or caffe.TEST")
-        self._net = _Net.from_prototxt(model, phase, values=dict(os.environ))
-        self._net.to(current_device())
-        self._net.keep_blob_diffs = True
+        net = _Net.from_prototxt(model, phase, values=dict(os.environ))
+        net.to(current_device())
+        self._attach(net)
         if weights:
             self.copy_from(weights)
+
+    @classmethod
+    def _wrap(cls, net: _Net) -> Net:
+        """Wrap an already built net (the solver's) without rebuilding it."""
+        self = cls.__new__(cls)
+        self._attach(net)
+        return self
+
+    def _attach(self, net: _Net) -> None:
+        self._net = net
+        net.keep_blob_diffs = True
         self._diffs: dict[str, np.ndarray] = {}
+        self._overwritten: set[str] = set()
         self._seed_loss_diffs()
         self.blobs: OrderedDict[str, Blob] = OrderedDict((name, Blob(self, name)) for name in self._blob_names())
         self.params: OrderedDict[str, list[Param]] = OrderedDict(
-            (layer, [Param(p) for p in blobs]) for layer, blobs in self._net.params.items()
+            (layer, [Param(p) for p in blobs]) for layer, blobs in net.params.items()
         )
-
-    @classmethod
-    def _wrap(cls, net: _Net) -> "Net":
-        """Wrap an already built net (the solver's) without rebuilding it."""
-        self = cls.__new__(cls)
-        self._net = net
-        net.keep_blob_diffs = True
-        self._diffs = {}
-        self._seed_loss_diffs()
-        self.blobs = OrderedDict((name, Blob(self, name)) for name in self._blob_names())
-        self.params = OrderedDict((layer, [Param(p) for p in blobs]) for layer, blobs in net.params.items())
-        return self
 
     # ---- pycaffe API ------------------------------------------------------------------------
     @property
@@ -191,14 +191,16 @@ class Net:
     def bottom_names(self) -> OrderedDict:
         return OrderedDict((n, self._net.layer_bottoms(n)) for n in self._net.layer_names())
 
-    def forward(self, blobs: Optional[list[str]] = None, **inputs) -> dict[str, np.ndarray]:
+    def forward(self, blobs: list[str] | None = None, **inputs) -> dict[str, np.ndarray]:
         """Run the net; keyword arguments set input blobs first. Returns the output blobs' data."""
+        self._feed_overwritten_inputs()
         for name, value in inputs.items():
             self.blobs[name].data[...] = value
         self._loss = self._net.forward()
+        self._note_in_place_inputs()
         return {name: self.blobs[name].data for name in list(self.outputs) + list(blobs or [])}
 
-    def backward(self, diffs: Optional[list[str]] = None, **output_diffs) -> dict[str, np.ndarray]:
+    def backward(self, diffs: list[str] | None = None, **output_diffs) -> dict[str, np.ndarray]:
         """Back-propagate from the diffs the output blobs hold (loss tops hold their loss weight);
         keyword arguments set output diffs first. Returns the input blobs' diffs."""
         for name, value in output_diffs.items():
@@ -207,9 +209,10 @@ class Net:
         for name, weight in self._net.loss_top_names():
             seeds.setdefault(name, torch.full(self._net.blob_data[name].shape, weight))
         self._net.backward_from(seeds)
-        keep = set(seeds)
         for name in self.blobs:
-            if name not in keep:
+            # a seeded blob keeps its diff unless in-place layers rewrote it (then, as in Caffe, the
+            # shared diff ends as the gradient of the chain's first input)
+            if name not in seeds or self._net.is_rewritten_in_place(name):
                 self._diffs[name] = self._net.blob_diff(name).detach().cpu().numpy()
         return {name: self.blobs[name].diff for name in list(self.inputs) + list(diffs or [])}
 
@@ -232,7 +235,7 @@ class Net:
                 self._diffs[name] = np.full(self._net.blob_shapes[name], weight, dtype=np.float32)
 
     def _data_array(self, name: str) -> np.ndarray:
-        if name in self._net.inputs:
+        if name in self._net.inputs and name not in self._overwritten:
             return _numpy_view(self._net.input_tensor(name))
         value = self._net.blob_data.get(name)
         if value is None:
@@ -244,8 +247,19 @@ class Net:
             self._diffs[name] = np.zeros(self._data_array(name).shape, dtype=np.float32)
         return self._diffs[name]
 
+    def _note_in_place_inputs(self) -> None:
+        """Inputs that in-place layers overwrote: their blob shows the result, and the next forward
+        starts from it, as Caffe's shared blob memory does."""
+        self._overwritten = {n for n in self._net.inputs if self._net.blob_data[n] is not self._net.input_tensor(n)}
+
+    def _feed_overwritten_inputs(self) -> None:
+        for name in self._overwritten:
+            self._net.feed(name, self._net.blob_data[name].detach().clone())
+        self._overwritten = set()
+
     def _reshape_input(self, name: str, shape: tuple[int, ...]) -> None:
         if name not in self._net.inputs:
             raise NetError(f"blob '{name}' is not a net input; only inputs can be reshaped")
         self._net.feed(name, torch.zeros(shape, device=self._net.device))
         self._diffs.pop(name, None)
+        self._overwritten.discard(name)

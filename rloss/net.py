@@ -12,7 +12,7 @@ import difflib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -20,7 +20,8 @@ from torch import nn
 from rloss.errors import LayerError, NetError, RlossError
 from rloss.layers import Layer, layer_class, layer_types
 from rloss.proto import caffe_pb2
-from rloss.wiring import insert_splits
+from rloss.proto.upgrade import net_inputs
+from rloss.wiring import data_layers_to_inputs, insert_splits
 
 log = logging.getLogger("rloss")
 Shape = tuple[int, ...]
@@ -62,7 +63,10 @@ class Net(nn.Module):
         self.phase = phase
         self.source = source
         self.force_backward: bool = net_param.force_backward
-        self.inputs: dict[str, Shape] = dict(_net_inputs(net_param, source))
+        try:
+            self.inputs: dict[str, Shape] = dict(net_inputs(net_param))
+        except NetError as error:
+            raise NetError(f"{source}: {error}") from None
         self.net_param = insert_splits(net_param, list(self.inputs))
         self.layers = nn.ModuleList()
         self._steps: list[_Step] = []
@@ -84,21 +88,21 @@ class Net(nn.Module):
         cls,
         path: str | Path,
         phase: int = caffe_pb2.TEST,
-        values: Optional[Mapping[str, str]] = None,
+        values: Mapping[str, str] | None = None,
         level: int = 0,
         stages: Sequence[str] = (),
-        defaults: Optional[Mapping[str, str]] = None,
+        defaults: Mapping[str, str] | None = None,
+        feed_data_layers: bool = False,
     ) -> Net:
-        """Read a net prototxt (expanding `${VAR}`s, upgrading V1) and build it for `phase`."""
-        from rloss.proto.netstate import filter_net, make_state
+        """Read a net prototxt (expanding `${VAR}`s, upgrading V1) and build it for `phase`.
+
+        With `feed_data_layers`, image data layers become net inputs of their tops' shapes."""
         from rloss.proto.text import read_net
 
-        net_param = read_net(str(path), values=values, defaults=defaults)
-        state = make_state(phase, level, stages)
-        if net_param.HasField("state"):
-            state.MergeFrom(net_param.state)
-            state.phase = phase
-        return cls(filter_net(net_param, state), phase, source=str(path))
+        net_param = read_net(str(path), phase, values=values, defaults=defaults, level=level, stages=stages)
+        if feed_data_layers:
+            net_param = data_layers_to_inputs(net_param)
+        return cls(net_param, phase, source=str(path))
 
     def _where(self, param) -> str:
         return f"{self.source}: layer '{param.name}' (type {param.type})"
@@ -116,7 +120,7 @@ class Net(nn.Module):
             cls = layer_class(param.type)
             if cls is None:
                 close = difflib.get_close_matches(param.type, layer_types(), n=3)
-                hint = f"; did you mean {' or '.join(close)}?" if close else f"; known types: {', '.join(layer_types())}"
+                hint = f"; did you mean {' or '.join(close)}?" if close else f"; known: {', '.join(layer_types())}"
                 raise NetError(f"{self._where(param)}: unknown layer type '{param.type}'{hint}")
             if param.propagate_down and len(param.propagate_down) != len(param.bottom):
                 raise NetError(
@@ -125,7 +129,7 @@ class Net(nn.Module):
                 )
             for index, bottom in enumerate(param.bottom):
                 if bottom not in available:
-                    known = "produced earlier but already consumed" if bottom in self.blob_shapes else "not produced by any earlier layer"
+                    known = "already consumed" if bottom in self.blob_shapes else "not produced by any earlier layer"
                     raise NetError(f"{self._where(param)}: unknown bottom blob '{bottom}' (bottom {index}): {known}")
             bottom_shapes = [self.blob_shapes[b] for b in param.bottom]
             try:
@@ -216,7 +220,8 @@ class Net(nn.Module):
     def feed(self, name: str, value: torch.Tensor) -> None:
         """Set the value of a net input (a blob declared with `input:`) for the next forward."""
         if name not in self.inputs:
-            raise NetError(f"{self.source}: '{name}' is not an input of the net (inputs: {', '.join(self.inputs) or 'none'})")
+            inputs = ", ".join(self.inputs) or "none"
+            raise NetError(f"{self.source}: '{name}' is not an input of the net (inputs: {inputs})")
         self._feeds[name] = value
 
     def input_tensor(self, name: str) -> torch.Tensor:
@@ -225,7 +230,7 @@ class Net(nn.Module):
             self._feeds[name] = torch.zeros(self.inputs[name], device=self.device)
         return self._feeds[name]
 
-    def forward(self, feeds: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, feeds: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
         """Run every layer; return the objective sum(loss_weight * top) as a 0-d tensor."""
         for name, value in (feeds or {}).items():
             self.feed(name, value)
@@ -246,7 +251,8 @@ class Net(nn.Module):
                 raise
             except RuntimeError as error:
                 shapes = [tuple(b.shape) for b in bottoms]
-                raise NetError(f"{self._where(step.layer.param)}: forward failed on bottoms {shapes}: {error}") from None
+                where = self._where(step.layer.param)
+                raise NetError(f"{where}: forward failed on bottoms {shapes}: {error}") from None
             if not step.bottoms:
                 tops = [t.to(device) for t in tops]
             for name, value in zip(step.tops, tops):
@@ -272,6 +278,10 @@ class Net(nn.Module):
             raise NetError(f"{self.source}: no blob '{name}' (run forward first)")
         grad = value.grad if value.requires_grad else None
         return grad if grad is not None else torch.zeros_like(value)
+
+    def is_rewritten_in_place(self, name: str) -> bool:
+        """True when in-place layers replaced the first value of blob `name` in the last forward."""
+        return self._first_version.get(name) is not self.blob_data.get(name)
 
     def loss_top_names(self) -> list[tuple[str, float]]:
         """(blob name, loss weight) of every top that is part of the objective."""
@@ -311,7 +321,7 @@ class Net(nn.Module):
 
         out = caffe_pb2.NetParameter(name=self.name)
         out.input.extend(self.inputs)
-        for name, shape in self.inputs.items():
+        for _name, shape in self.inputs.items():
             out.input_shape.add().dim.extend(shape)
         for step in self._steps:
             layer_param = out.layer.add()
@@ -346,12 +356,16 @@ class Net(nn.Module):
             if target is None:
                 log.info("Ignoring source layer %s", source_layer.name)
                 continue
-            if len(source_layer.blobs) != len(target.blobs):
+            from_h5 = where.endswith(".h5")  # HDF5 models may omit trailing and shared blobs
+            count, wanted = len(source_layer.blobs), len(target.blobs)
+            if count != wanted and not (from_h5 and count < wanted):
                 raise NetError(
                     f"{where}: layer '{source_layer.name}' has {len(source_layer.blobs)} blobs in the file, "
                     f"{len(target.blobs)} in the net {self.source}"
                 )
             for j, blob in enumerate(source_layer.blobs):
+                if from_h5 and not blob.shape.dim and not blob.data:
+                    continue  # a shared blob, stored with its owner
                 shape = tuple(target.blobs[j].shape)
                 if not legacy_shape_matches(blob, shape):
                     raise NetError(
@@ -364,19 +378,3 @@ class Net(nn.Module):
 
     def learnable_tensors(self) -> Iterable[nn.Parameter]:
         return (entry.tensor for entry in self.learnable)
-
-
-def _net_inputs(net_param, source: str) -> list[tuple[str, Shape]]:
-    """Net-level inputs (deploy style): `input` with `input_shape` (one or one each) or 4 `input_dim`s each."""
-    names = list(net_param.input)
-    if net_param.input_shape:
-        shapes = [tuple(int(d) for d in s.dim) for s in net_param.input_shape]
-        if len(shapes) == 1 and len(names) > 1:
-            shapes = shapes * len(names)
-        if len(shapes) != len(names):
-            raise NetError(f"{source}: {len(names)} inputs but {len(shapes)} input_shape entries")
-        return list(zip(names, shapes))
-    dims = [int(d) for d in net_param.input_dim]
-    if len(dims) != 4 * len(names):
-        raise NetError(f"{source}: {len(names)} inputs need {4 * len(names)} input_dim values, got {len(dims)}")
-    return [(name, tuple(dims[4 * i : 4 * i + 4])) for i, name in enumerate(names)]

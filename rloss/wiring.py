@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from rloss.errors import NetError
 from rloss.proto import caffe_pb2
 
 INPUT_PRODUCER = -1  # pseudo layer index of the net-level inputs; Caffe names it "input"
@@ -73,4 +74,35 @@ def insert_splits(net_param, input_names: list[str]):
         for ti in range(len(layer.top)):
             if consumers[(li, ti)] > 1:
                 out.layer.append(split_layer((li, ti)))
+    return out
+
+
+FEEDABLE_DATA_LAYERS = ("ImageSegData", "ImageData")
+
+
+def data_layers_to_inputs(net_param, batch_size: int | None = None):
+    """A copy of `net_param` whose image data layers are replaced by net inputs of the same shapes,
+    so a net can be built and run on fed tensors (tests, benchmarks, deploy-style use).
+
+    Shapes follow the layer: data (N, 3, crop, crop), label (N, 1, crop, crop), data_dim (N, 1, 1, 2)."""
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(net_param)
+    del out.layer[:]
+    for layer in net_param.layer:
+        if layer.type not in FEEDABLE_DATA_LAYERS:
+            out.layer.add().CopyFrom(layer)
+            continue
+        transform = layer.transform_param
+        height = transform.crop_height or transform.crop_size
+        width = transform.crop_width or transform.crop_size
+        if not (height and width):
+            raise NetError(
+                f"data layer '{layer.name}' (type {layer.type}) has no crop size, so the shape of its "
+                "tops is only known from the images; give transform_param.crop_size to feed it"
+            )
+        n = batch_size or layer.image_data_param.batch_size
+        shapes = [(n, 3, height, width), (n, 1, height, width), (n, 1, 1, 2)]
+        for name, shape in zip(layer.top, shapes):
+            out.input.append(name)
+            out.input_shape.add().dim.extend(shape)
     return out

@@ -54,7 +54,8 @@ def test_golden_layer_case(case: str) -> None:
         errors[f"diff {name}"] = relative_error(net.blobs[name].diff.reshape(expected.shape), expected)
     for key, expected in _files(case_dir, "pdiff_").items():
         layer, index = key.rsplit("_", 1)
-        errors[f"param diff {key}"] = relative_error(net.params[layer][int(index)].diff.reshape(expected.shape), expected)
+        actual = net.params[layer][int(index)].diff.reshape(expected.shape)
+        errors[f"param diff {key}"] = relative_error(actual, expected)
     assert errors, f"{case}: nothing compared"
     too_big = {
         k: v for k, v in errors.items()

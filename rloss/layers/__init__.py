@@ -3,7 +3,7 @@
 Importing this package imports every family module, which registers its classes.
 """
 
-from rloss.layers import activation, crf, data, loss, structure, vision  # noqa: F401
+from rloss.layers import activation, crf, data, image_data, loss, structure, vision  # noqa: F401
 from rloss.layers.base import Layer
 from rloss.layers.registry import layer_class, layer_types, register_layer
 

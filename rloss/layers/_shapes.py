@@ -3,7 +3,7 @@ the prototxt (the two layers read them differently) and the output-size formulas
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rloss.layers.base import Layer
@@ -11,22 +11,27 @@ if TYPE_CHECKING:
 Pair = tuple[int, int]
 
 
-def _has_hw_fields(param, name: str) -> bool:
-    return f"{name}_h" in param.DESCRIPTOR.fields_by_name
+def _hw_names(param, name: str) -> tuple[str, str] | None:
+    """The `_h`/`_w` override fields of `name` (kernel_size -> kernel_h, kernel_w), if any."""
+    stem = name[: -len("_size")] if name.endswith("_size") else name
+    names = (f"{stem}_h", f"{stem}_w")
+    return names if names[0] in param.DESCRIPTOR.fields_by_name else None
 
 
-def conv_pair(layer: Layer, param, name: str, default: Optional[int]) -> Pair:
+def conv_pair(layer: Layer, param, name: str, default: int | None) -> Pair:
     """(h, w) of the repeated ConvolutionParameter field `name` (0, 1 or 2 values); `name_h` /
     `name_w` take over when either is present (the absent one is then 0, as in Caffe).
     `default` None means the field is required."""
     values = [int(v) for v in getattr(param, name)]
-    if _has_hw_fields(param, name) and (param.HasField(f"{name}_h") or param.HasField(f"{name}_w")):
+    hw = _hw_names(param, name)
+    if hw and (param.HasField(hw[0]) or param.HasField(hw[1])):
         if values:
-            raise layer.error(f"give either {name} or {name}_h/{name}_w, not both")
-        return int(getattr(param, f"{name}_h")), int(getattr(param, f"{name}_w"))
+            raise layer.error(f"give either {name} or {hw[0]}/{hw[1]}, not both")
+        return int(getattr(param, hw[0])), int(getattr(param, hw[1]))
     if not values:
         if default is None:
-            raise layer.error(f"{name} (or {name}_h and {name}_w) is required")
+            alternative = f" (or {hw[0]} and {hw[1]})" if hw else ""
+            raise layer.error(f"{name}{alternative} is required")
         return default, default
     if len(values) == 1:
         return values[0], values[0]
@@ -35,19 +40,20 @@ def conv_pair(layer: Layer, param, name: str, default: Optional[int]) -> Pair:
     raise layer.error(f"{name} is given {len(values)} times; give it once or once per spatial axis (2)")
 
 
-def pool_pair(layer: Layer, param, name: str, default: Optional[int]) -> Pair:
+def pool_pair(layer: Layer, param, name: str, default: int | None) -> Pair:
     """(h, w) of the scalar PoolingParameter field `name`, or of both `name_h` and `name_w`
     (Caffe's pooling demands the pair complete and exclusive). `default` None = required."""
-    has_h, has_w = param.HasField(f"{name}_h"), param.HasField(f"{name}_w")
+    name_h, name_w = _hw_names(param, name)
+    has_h, has_w = param.HasField(name_h), param.HasField(name_w)
     if has_h or has_w:
         if param.HasField(name) or not (has_h and has_w):
-            raise layer.error(f"give either {name} or both {name}_h and {name}_w")
-        return int(getattr(param, f"{name}_h")), int(getattr(param, f"{name}_w"))
+            raise layer.error(f"give either {name} or both {name_h} and {name_w}")
+        return int(getattr(param, name_h)), int(getattr(param, name_w))
     if param.HasField(name):
         value = int(getattr(param, name))
         return value, value
     if default is None:
-        raise layer.error(f"{name} (or {name}_h and {name}_w) is required")
+        raise layer.error(f"{name} (or {name_h} and {name_w}) is required")
     return default, default
 
 

@@ -8,7 +8,7 @@ Forward is plain PyTorch; backward comes from autograd unless a layer defines it
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional, Sequence
+from typing import ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from torch import nn
 from rloss.errors import LayerError
 from rloss.layers.fillers import fill
 from rloss.proto import caffe_pb2
-from rloss.proto.blob import blob_shape, blob_to_array
+from rloss.proto.blob import blob_shape, blob_to_array, legacy_shape_matches
 
 Shape = tuple[int, ...]
 
@@ -35,8 +35,8 @@ class Layer(nn.Module):
     """
 
     type_name: ClassVar[str] = ""
-    bottoms: ClassVar[tuple[int, Optional[int]]] = (1, 1)
-    tops: ClassVar[tuple[int, Optional[int]]] = (1, 1)
+    bottoms: ClassVar[tuple[int, int | None]] = (1, 1)
+    tops: ClassVar[tuple[int, int | None]] = (1, 1)
     auto_tops: ClassVar[int] = 0
     default_loss_weight: ClassVar[float] = 0.0
     no_gradient_bottoms: ClassVar[tuple[int, ...]] = ()
@@ -81,9 +81,10 @@ class Layer(nn.Module):
         index = len(self.blobs)
         if index < len(self.param.blobs):
             stored = self.param.blobs[index]
-            if blob_shape(stored) != shape:
+            if not legacy_shape_matches(stored, shape):
                 raise self.error(f"stored blob {index} has shape {blob_shape(stored)}, the layer needs {shape}")
-            data = torch.from_numpy(blob_to_array(stored, f"layer '{self.name}' blob {index}").copy())
+            values = blob_to_array(stored, f"layer '{self.name}' blob {index}")
+            data = torch.from_numpy(values.reshape(shape).copy())
         else:
             data = fill(shape, filler)
         blob = nn.Parameter(data)
@@ -102,7 +103,7 @@ class Layer(nn.Module):
             raise self.error(f"bottom {index} must have {axes} axes, got shape {bottom_shapes[index]}")
 
     # ---- internals ----------------------------------------------------------------------------
-    def _check_count(self, what: str, count: int, bounds: tuple[int, Optional[int]]) -> None:
+    def _check_count(self, what: str, count: int, bounds: tuple[int, int | None]) -> None:
         low, high = bounds
         if count < low or (high is not None and count > high):
             wanted = f"{low}" if low == high else f"{low}..{'any' if high is None else high}"

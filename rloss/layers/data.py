@@ -1,1 +1,242 @@
-"""(being written)"""
+"""Layers without bottoms that produce the net's data: Input, DummyData, HDF5Data.
+
+Each one produces tensors on the device and in the float dtype of the layer (it follows
+`module.to(...)`), since it has no bottom to take them from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from rloss.errors import DataError, NetError
+from rloss.layers.base import Layer, Shape
+from rloss.layers.fillers import fill
+from rloss.layers.registry import register_layer
+from rloss.proto import caffe_pb2
+
+
+class SourceLayer(Layer):
+    """A layer with no bottoms; `place` puts produced data on the layer's device and float dtype."""
+
+    bottoms = (0, 0)
+    tops = (1, None)
+
+    def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int = caffe_pb2.TRAIN):
+        super().__init__(param, bottom_shapes, phase)
+        # An empty buffer: moves and casts with the module, so it tells where the data must go.
+        self.register_buffer("_anchor", torch.empty(0), persistent=False)
+
+    def place(self, data: torch.Tensor | np.ndarray) -> torch.Tensor:
+        tensor = torch.as_tensor(data)
+        return tensor.to(device=self._anchor.device, dtype=self._anchor.dtype)
+
+    def one_per_top(self, values: list, what: str) -> list:
+        """Caffe's "once, or once per top" rule: a single value is used for every top."""
+        if len(values) == 1:
+            return values * self.num_tops
+        if len(values) != self.num_tops:
+            raise self.error(f"give {what} once or once per top ({self.num_tops} tops), "
+                             f"not {len(values)} times")
+        return values
+
+
+def _dims(blob_shape, layer: Layer) -> Shape:
+    dims = tuple(int(d) for d in blob_shape.dim)
+    if any(d < 0 for d in dims):
+        raise layer.error(f"shape {dims} has a negative dimension")
+    return dims
+
+
+@register_layer("Input")
+class Input(SourceLayer):
+    """Net inputs of declared shapes. The net (or user) hands a tensor to each top with `feed`; a
+    fed tensor is returned unchanged by every forward until replaced (gradients reach it), an unfed
+    top gives zeros of the declared shape (Caffe's freshly allocated blob)."""
+
+    def setup(self, bottom_shapes: list[Shape]) -> None:
+        shapes = [_dims(shape, self) for shape in self.param.input_param.shape]
+        if not shapes:
+            raise self.error("input_param needs a shape { dim: ... } for its tops")
+        self.declared_shapes: list[Shape] = self.one_per_top(shapes, "input_param shape")
+        self.fed: list[torch.Tensor | None] = [None] * self.num_tops
+
+    def reshape(self, bottom_shapes: list[Shape]) -> list[Shape]:
+        return list(self.declared_shapes)
+
+    def feed(self, top: int | str, value: torch.Tensor | np.ndarray) -> None:
+        """Make top `top` (index or blob name) produce `value`; non-float data becomes float32."""
+        index = self._top_index(top)
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            self.fed[index] = value
+        else:
+            self.fed[index] = torch.as_tensor(np.asarray(value), dtype=torch.float32)
+
+    def _top_index(self, top: int | str) -> int:
+        names = list(self.param.top)
+        if isinstance(top, str):
+            if top not in names:
+                raise self.error(f"has no top named '{top}' (tops: {', '.join(names)})")
+            return names.index(top)
+        if not 0 <= top < self.num_tops:
+            raise self.error(f"has no top {top} (it has {self.num_tops})")
+        return top
+
+    def forward(self) -> list[torch.Tensor]:  # type: ignore[override]
+        return [
+            tensor if tensor is not None else self.place(torch.zeros(shape))
+            for tensor, shape in zip(self.fed, self.declared_shapes)
+        ]
+
+
+_LEGACY_DIMS = ("num", "channels", "height", "width")
+
+
+@register_layer("DummyData")
+class DummyData(SourceLayer):
+    """Tops of fixed shapes filled by fillers (default constant 0), refilled at every forward so
+    random fillers give new values each time, as in Caffe."""
+
+    def setup(self, bottom_shapes: list[Shape]) -> None:
+        dummy = self.param.dummy_data_param
+        fillers = list(dummy.data_filler) or [caffe_pb2.FillerParameter()]
+        self.fillers = self.one_per_top(fillers, "data_filler")
+        self.shapes: list[Shape] = self._shapes(dummy)
+
+    def _shapes(self, dummy) -> list[Shape]:
+        if not any(len(getattr(dummy, name)) for name in _LEGACY_DIMS):
+            if not dummy.shape:
+                raise self.error("dummy_data_param needs shape { dim: ... } or num/channels/height/width")
+            return self.one_per_top([_dims(shape, self) for shape in dummy.shape], "shape")
+        if dummy.shape:
+            raise self.error("give either shape or num/channels/height/width, not both")
+        columns = [self.one_per_top([int(v) for v in getattr(dummy, name)], name) for name in _LEGACY_DIMS]
+        return [tuple(dims) for dims in zip(*columns)]
+
+    def reshape(self, bottom_shapes: list[Shape]) -> list[Shape]:
+        return list(self.shapes)
+
+    def forward(self) -> list[torch.Tensor]:  # type: ignore[override]
+        try:
+            return [self.place(fill(shape, filler)) for shape, filler in zip(self.shapes, self.fillers)]
+        except NetError as error:
+            raise self.error(str(error)) from error
+
+
+def _data_error(layer: Layer, message: str) -> DataError:
+    return DataError(f"layer '{layer.name}' (type {layer.type_name}): {message}")
+
+
+def _read_list(layer: Layer, source: str) -> list[tuple[str, int]]:
+    """(file name, line number) for each whitespace-separated name in the list file `source`."""
+    try:
+        text = Path(source).read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise _data_error(layer, f"cannot read the list file '{source}': {error}") from error
+    entries = [(name, number) for number, line in enumerate(text.splitlines(), 1) for name in line.split()]
+    if not entries:
+        raise _data_error(layer, f"the list file '{source}' names no file")
+    return entries
+
+
+@register_layer("HDF5Data")
+class HDF5Data(SourceLayer):
+    """Batches of rows read from the datasets named like the tops in the .h5 files listed in
+    `source` (paths relative to the working directory). Rows are taken in order (or a permutation
+    when `shuffle`); a batch running past the end of a file continues in the next file, wrapping
+    to the first; with `shuffle` the file order is redrawn at each wrap and the rows of a file each
+    time it is (re)started. Every file is loaded whole, as Caffe does."""
+
+    def setup(self, bottom_shapes: list[Shape]) -> None:
+        hdf5 = self.param.hdf5_data_param
+        if self.param.HasField("transform_param"):
+            raise self.error("HDF5Data does not transform its data: remove transform_param")
+        if hdf5.batch_size < 1:
+            raise self.error(f"hdf5_data_param batch_size must be positive, got {hdf5.batch_size}")
+        self.batch_size = int(hdf5.batch_size)
+        self.shuffle = bool(hdf5.shuffle)
+        self.source = hdf5.source
+        self.files = _read_list(self, self.source)
+        self.file_order = self._permutation(len(self.files))
+        self.file_cursor = 0
+        self.sample_shapes: list[Shape] | None = None
+        self._load_current_file()
+
+    def reshape(self, bottom_shapes: list[Shape]) -> list[Shape]:
+        return [(self.batch_size, *shape) for shape in self.sample_shapes]
+
+    def forward(self) -> list[torch.Tensor]:  # type: ignore[override]
+        chunks: list[list[np.ndarray]] = [[] for _ in range(self.num_tops)]
+        remaining = self.batch_size
+        while remaining:
+            if self.row == len(self.row_order):
+                self._next_file()
+            taken = self.row_order[self.row:self.row + remaining]
+            for top_chunks, array in zip(chunks, self.arrays):
+                top_chunks.append(array[taken])
+            self.row += len(taken)
+            remaining -= len(taken)
+        return [self.place(np.concatenate(top_chunks)) for top_chunks in chunks]
+
+    def _permutation(self, count: int) -> np.ndarray:
+        if self.shuffle:
+            return torch.randperm(count).numpy()
+        return np.arange(count)
+
+    def _next_file(self) -> None:
+        """Caffe's wrap-around: next file (reshuffling the file order after the last), rows restart."""
+        if len(self.files) > 1:
+            self.file_cursor += 1
+            if self.file_cursor == len(self.files):
+                self.file_cursor = 0
+                self.file_order = self._permutation(len(self.files))
+            self._load_current_file()
+        else:
+            self.row, self.row_order = 0, self._permutation(len(self.row_order))
+
+    def _load_current_file(self) -> None:
+        name, line = self.files[self.file_order[self.file_cursor]]
+        where = f"HDF5 file '{name}' (line {line} of the list '{self.source}')"
+        arrays = _read_datasets(self, name, where)
+        shapes = [array.shape[1:] for array in arrays]
+        if self.sample_shapes is not None and shapes != self.sample_shapes:
+            raise _data_error(self, f"{where} has samples of shapes {shapes} for tops "
+                                    f"{list(self.param.top)}, the first file had {self.sample_shapes}")
+        self.sample_shapes = shapes
+        self.arrays = arrays
+        self.row, self.row_order = 0, self._permutation(len(arrays[0]))
+
+
+def _read_datasets(layer: Layer, name: str, where: str) -> list[np.ndarray]:
+    """The datasets named like the layer's tops, as float32 arrays with the same number of rows."""
+    try:
+        import h5py
+    except ImportError as error:
+        raise layer.error("HDF5Data needs the h5py package (pip install h5py)") from error
+    try:
+        with h5py.File(name, "r") as h5:
+            arrays = [_dataset(layer, h5, top, where) for top in layer.param.top]
+    except OSError as error:
+        raise _data_error(layer, f"{where} cannot be read: {error}") from error
+    rows = {len(array) for array in arrays}
+    if len(rows) != 1 or 0 in rows:
+        counts = ", ".join(f"{top}: {len(array)}" for top, array in zip(layer.param.top, arrays))
+        raise _data_error(layer, f"{where}: the datasets must have the same, non-zero number of rows, "
+                                 f"got {counts}")
+    return arrays
+
+
+def _dataset(layer: Layer, h5, top: str, where: str) -> np.ndarray:
+    import h5py
+
+    dataset = h5.get(top)
+    if not isinstance(dataset, h5py.Dataset):
+        held = ", ".join(h5.keys()) or "nothing"
+        raise _data_error(layer, f"{where} has no dataset '{top}' (it holds: {held})")
+    if dataset.ndim < 1 or dataset.dtype.kind not in "fiu":
+        raise _data_error(layer, f"{where}: dataset '{top}' must be a numeric array with at least one axis, "
+                                 f"got dtype {dataset.dtype} shape {dataset.shape}")
+    return np.asarray(dataset[...], dtype=np.float32)

@@ -77,7 +77,7 @@ class SoftmaxWithLoss(Layer):
     top's diff, so a gradient arriving on the probabilities never reaches the scores."""
 
     bottoms = (2, 2)
-    tops = (1, 2)
+    tops = (0, 2)  # the prototxt may name none: Caffe then adds an anonymous loss top
     auto_tops = 1
     default_loss_weight = 1.0
     no_gradient_bottoms = (1,)
@@ -109,7 +109,7 @@ class SoftmaxWithLoss(Layer):
 
     def _normaliser(self, counted: torch.Tensor, outer: int, inner: int) -> torch.Tensor | float:
         if self.normalization == _MODE.VALID:
-            return counted.sum().clamp(min=1).to(torch.float32)
+            return counted.sum().clamp(min=1)
         if self.normalization == _MODE.FULL:
             return float(max(1, outer * inner))
         if self.normalization == _MODE.BATCH_SIZE:

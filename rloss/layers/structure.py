@@ -8,7 +8,7 @@ return views, each a distinct tensor object so autograd keeps one gradient per c
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -43,8 +43,10 @@ def legacy_axis(layer: Layer, param, axis_field: str, legacy_field: str, shape: 
 def reject_in_place(layer: Layer) -> None:
     """Caffe refuses in-place use of layers whose top merely shares the bottom's data."""
     if set(layer.param.top) & set(layer.param.bottom):
-        raise layer.error(f"does not allow in-place computation (tops {list(layer.param.top)}, "
-                          f"bottoms {list(layer.param.bottom)})")
+        raise layer.error(
+            f"does not allow in-place computation (tops {list(layer.param.top)}, "
+            f"bottoms {list(layer.param.bottom)})"
+        )
 
 
 def fresh_view(x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +71,7 @@ class _EltwiseProd(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         y, *xs = ctx.saved_tensors
-        grads: list[Optional[torch.Tensor]] = [None]
+        grads: list[torch.Tensor | None] = [None]
         for i, x in enumerate(xs):
             if not ctx.needs_input_grad[i + 1]:
                 grads.append(None)
@@ -104,7 +106,9 @@ class Eltwise(Layer):
         self.operation = param.operation
         coeffs = list(param.coeff)
         if coeffs and len(coeffs) != len(bottom_shapes):
-            raise self.error(f"takes one coeff per bottom: {len(coeffs)} coeffs for {len(bottom_shapes)} bottoms")
+            raise self.error(
+                f"takes one coeff per bottom: {len(coeffs)} coeffs for {len(bottom_shapes)} bottoms"
+            )
         if coeffs and self.operation == _OP.PROD:
             raise self.error("coeff is only allowed with operation SUM")
         self.coeffs = [float(c) for c in coeffs] or [1.0] * len(bottom_shapes)
@@ -180,7 +184,7 @@ class Slice(Layer):
         length, parts = shape[self.axis], self.num_tops
         if not self.points:
             if length % parts:
-                raise self.error(f"{parts} tops do not evenly divide axis {self.axis} of bottom shape {shape}")
+                raise self.error(f"{parts} tops do not evenly divide axis {self.axis} of bottom {shape}")
             return [length // parts] * parts
         if len(self.points) != parts - 1:
             raise self.error(f"{len(self.points)} slice_points for {parts} tops (need {parts - 1})")
@@ -228,7 +232,7 @@ class Flatten(Layer):
         self.start = canonical_axis(self, param.axis, shape)
         self.end = canonical_axis(self, param.end_axis, shape, "end_axis")
         if self.end < self.start:
-            raise self.error(f"end_axis {param.end_axis} comes before axis {param.axis} for bottom shape {shape}")
+            raise self.error(f"end_axis {param.end_axis} comes before axis {param.axis} for bottom {shape}")
 
     def reshape(self, bottom_shapes: list[Shape]) -> list[Shape]:
         shape = bottom_shapes[0]
@@ -259,20 +263,25 @@ class Reshape(Layer):
         for i, d in enumerate(dims):
             if d == 0:
                 if start + i >= len(shape):
-                    raise self.error(f"shape {self.new_dims} has a 0 at position {i} but bottom shape {shape} "
-                                     f"has no axis {start + i} to copy")
+                    raise self.error(
+                        f"shape {self.new_dims} has a 0 at position {i} but bottom {shape} "
+                        f"has no axis {start + i} to copy"
+                    )
                 dims[i] = shape[start + i]
         top = list(shape[:start]) + dims + list(shape[end:])
         count = math.prod(shape)
         if -1 in dims:
             known = math.prod(d for d in top if d != -1)
             if known == 0 or count % known:
-                raise self.error(f"bottom shape {shape} (count {count}) is not divisible by the product "
-                                 f"{known} of the given dims {top}")
+                raise self.error(
+                    f"bottom shape {shape} (count {count}) is not divisible by the product "
+                    f"{known} of the given dims {top}"
+                )
             top[top.index(-1, start)] = count // known
         if math.prod(top) != count:
-            raise self.error(f"bottom shape {shape} (count {count}) cannot become {tuple(top)} "
-                             f"(count {math.prod(top)})")
+            raise self.error(
+                f"bottom shape {shape} (count {count}) cannot become {tuple(top)} (count {math.prod(top)})"
+            )
         return [tuple(top)]
 
     def _replaced_axes(self, shape: Shape) -> tuple[int, int]:

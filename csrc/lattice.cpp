@@ -1,0 +1,901 @@
+// Permutohedral lattice: construction (embedding, hash table, neighbours, splat index) and the
+// K-channel filter orchestration. The arithmetic of the embedding follows spec 7.3 step by step.
+#include "lattice.h"
+
+#include <algorithm>
+#include <chrono>
+#include <climits>
+#include <cmath>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <mutex>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "kernels.h"
+
+namespace rloss {
+
+// ------------------------------------------------------------------------------------------------
+// small helpers
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+inline int64_t elapsed_ns(Clock::time_point t0) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count();
+}
+
+inline void add_time(TimerId id, Clock::time_point t0) {
+  Timers& t = timers();
+  if (t.enabled.load(std::memory_order_relaxed)) t.ns[id].fetch_add(elapsed_ns(t0), std::memory_order_relaxed);
+}
+
+inline int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+inline int team_size() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+// Runs f(v) for every v in [0, nv) on up to nv threads (each v exactly once, whatever team size the
+// runtime grants). Exceptions thrown by f are carried out of the parallel region and rethrown.
+template <class F>
+void parallel_each(int nv, F&& f) {
+  if (nv <= 1) {
+    if (nv == 1) f(0);
+    return;
+  }
+#ifdef _OPENMP
+  std::exception_ptr err = nullptr;
+#pragma omp parallel num_threads(nv)
+  {
+    const int tid = thread_id(), nth = team_size();
+    for (int v = tid; v < nv; v += nth) {
+      try {
+        f(v);
+      } catch (...) {
+#pragma omp critical(rloss_lattice_error)
+        {
+          if (!err) err = std::current_exception();
+        }
+      }
+    }
+  }
+  if (err) std::rethrow_exception(err);
+#else
+  for (int v = 0; v < nv; ++v) f(v);
+#endif
+}
+
+inline uint64_t hash_key(const int32_t* k, int len) {
+  uint64_t h = 0;
+  for (int i = 0; i < len; ++i) h = (h + static_cast<uint32_t>(k[i])) * 0x9E3779B97F4A7C15ull;
+  return h ^ (h >> 29);
+}
+
+}  // namespace
+
+Timers& timers() {
+  static Timers t;
+  return t;
+}
+
+const char* timer_name(int id) {
+  static const char* names[kNumTimers] = {"embed+hash", "merge", "index", "neighbours",
+                                          "stage",      "splat", "blur",  "slice"};
+  return (id >= 0 && id < kNumTimers) ? names[id] : "?";
+}
+
+bool have_openmp() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+const char* kernel_isa() { return detail::kernels_isa(); }
+
+FeatureSource FeatureSource::from_array(const float* f, int64_t n, int d) {
+  FeatureSource s;
+  s.features = f;
+  s.count = n;
+  s.dim = d;
+  return s;
+}
+
+FeatureSource FeatureSource::from_image(const float* img, int channels, int64_t h, int64_t w, float sigma_xy,
+                                        float sigma_rgb) {
+  FeatureSource s;
+  s.image = img;
+  s.channels = channels;
+  s.height = h;
+  s.width = w;
+  s.sigma_xy = sigma_xy;
+  s.sigma_rgb = sigma_rgb;
+  s.dim = 2 + channels;
+  s.count = h * w;
+  return s;
+}
+
+// ------------------------------------------------------------------------------------------------
+// KeyTable
+
+void KeyTable::reset(int key_len, std::size_t expected) {
+  key_len_ = key_len;
+  count_ = 0;
+  std::size_t cap = 16;
+  while (cap < 2 * expected) cap *= 2;
+  int bits = 0;
+  while ((std::size_t{1} << bits) < cap) ++bits;
+  shift_ = 64 - bits;
+  slots_.assign(cap, Slot{0, -1});
+  keys_.clear();
+  hashes_.clear();
+  keys_.reserve(expected * key_len);
+  hashes_.reserve(expected);
+}
+
+void KeyTable::grow() {
+  const std::size_t cap = slots_.size() * 2;
+  shift_ -= 1;
+  slots_.assign(cap, Slot{0, -1});
+  const std::size_t mask = cap - 1;
+  for (int32_t i = 0; i < count_; ++i) {
+    const uint64_t h = hashes_[i];
+    std::size_t s = static_cast<std::size_t>(h >> shift_);
+    while (slots_[s].index >= 0) s = (s + 1) & mask;
+    slots_[s] = Slot{static_cast<uint32_t>(h), i};
+  }
+}
+
+int32_t KeyTable::find_or_insert(const int32_t* key, uint64_t h) {
+  if (2 * static_cast<std::size_t>(count_) + 2 >= slots_.size()) grow();
+  const std::size_t mask = slots_.size() - 1;
+  const uint32_t tag = static_cast<uint32_t>(h);
+  std::size_t s = static_cast<std::size_t>(h >> shift_);
+  for (;;) {
+    const Slot sl = slots_[s];
+    if (sl.index < 0) break;
+    if (sl.tag == tag && std::memcmp(keys_.data() + static_cast<std::size_t>(sl.index) * key_len_, key,
+                                     sizeof(int32_t) * key_len_) == 0)
+      return sl.index;
+    s = (s + 1) & mask;
+  }
+  if (count_ == INT32_MAX) throw InvalidArgument("lattice: too many lattice points for int32 indices");
+  const int32_t idx = count_++;
+  slots_[s] = Slot{tag, idx};
+  keys_.insert(keys_.end(), key, key + key_len_);
+  hashes_.push_back(h);
+  return idx;
+}
+
+int32_t KeyTable::find(const int32_t* key, uint64_t h) const {
+  const std::size_t mask = slots_.size() - 1;
+  const uint32_t tag = static_cast<uint32_t>(h);
+  std::size_t s = static_cast<std::size_t>(h >> shift_);
+  for (;;) {
+    const Slot sl = slots_[s];
+    if (sl.index < 0) return -1;
+    if (sl.tag == tag && std::memcmp(keys_.data() + static_cast<std::size_t>(sl.index) * key_len_, key,
+                                     sizeof(int32_t) * key_len_) == 0)
+      return sl.index;
+    s = (s + 1) & mask;
+  }
+}
+
+std::size_t KeyTable::memory_bytes() const {
+  return slots_.capacity() * sizeof(Slot) + keys_.capacity() * sizeof(int32_t) +
+         hashes_.capacity() * sizeof(uint64_t);
+}
+
+void KeyTable::release() {
+  std::vector<Slot>().swap(slots_);
+  std::vector<int32_t>().swap(keys_);
+  std::vector<uint64_t>().swap(hashes_);
+  count_ = 0;
+}
+
+// ------------------------------------------------------------------------------------------------
+// PackedTable
+
+namespace {
+constexpr uint64_t kHashMul = 0x9E3779B97F4A7C15ull;
+}
+
+void PackedTable::reset(std::size_t expected) {
+  count_ = 0;
+  std::size_t cap = 16;
+  while (cap < 2 * expected) cap *= 2;
+  int bits = 0;
+  while ((std::size_t{1} << bits) < cap) ++bits;
+  shift_ = 64 - bits;
+  slots_.assign(cap, Slot{0, -1, 0});
+  keys_.clear();
+  keys_.reserve(expected);
+}
+
+void PackedTable::grow() {
+  const std::size_t cap = slots_.size() * 2;
+  shift_ -= 1;
+  slots_.assign(cap, Slot{0, -1, 0});
+  const std::size_t mask = cap - 1;
+  for (int32_t i = 0; i < count_; ++i) {
+    const uint64_t k = keys_[i];
+    std::size_t s = static_cast<std::size_t>((k * kHashMul) >> shift_);
+    while (slots_[s].key != 0) s = (s + 1) & mask;
+    slots_[s] = Slot{k, i, 0};
+  }
+}
+
+int32_t PackedTable::find_or_insert(uint64_t key) {
+  if (2 * static_cast<std::size_t>(count_) + 2 >= slots_.size()) grow();
+  const std::size_t mask = slots_.size() - 1;
+  std::size_t s = static_cast<std::size_t>((key * kHashMul) >> shift_);
+  for (;;) {
+    const uint64_t k = slots_[s].key;
+    if (k == key) return slots_[s].index;
+    if (k == 0) break;
+    s = (s + 1) & mask;
+  }
+  if (count_ == INT32_MAX) throw InvalidArgument("lattice: too many lattice points for int32 indices");
+  const int32_t idx = count_++;
+  slots_[s] = Slot{key, idx, 0};
+  keys_.push_back(key);
+  return idx;
+}
+
+int32_t PackedTable::find(uint64_t key) const {
+  const std::size_t mask = slots_.size() - 1;
+  std::size_t s = static_cast<std::size_t>((key * kHashMul) >> shift_);
+  for (;;) {
+    const uint64_t k = slots_[s].key;
+    if (k == key) return slots_[s].index;
+    if (k == 0) return -1;
+    s = (s + 1) & mask;
+  }
+}
+
+std::size_t PackedTable::memory_bytes() const {
+  return slots_.capacity() * sizeof(Slot) + keys_.capacity() * sizeof(uint64_t);
+}
+
+void PackedTable::release() {
+  std::vector<Slot>().swap(slots_);
+  std::vector<uint64_t>().swap(keys_);
+  count_ = 0;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Key policies: how the d+1 vertex keys of a point are formed, stored and looked up.
+
+namespace {
+
+constexpr int L = kEmbedLanes;
+
+// Keys packed into one uint64: d fields of `bits` bits, each coordinate + 2^(bits-1). Every field
+// stays inside [1, 2^bits - 2] (checked via max |rem0|), so field-wise +-1 / +-(d+1) steps can be
+// done on the packed word without carries between fields, and 0 never occurs as a key.
+struct PackedKeys {
+  using Table = PackedTable;
+  int d, bits;
+  uint64_t ones = 0;
+  int64_t bias;
+  int32_t limit;
+  explicit PackedKeys(int dim) : d(dim), bits(std::min(32, 64 / dim)) {
+    bias = int64_t{1} << (bits - 1);
+    limit = static_cast<int32_t>(bias - 2 * (dim + 1) - 2);
+    for (int i = 0; i < dim; ++i) ones |= uint64_t{1} << (bits * i);
+  }
+  static bool usable(int dim) { return dim <= 8; }
+  void reset(Table& t, std::size_t expected) const { t.reset(expected); }
+  bool fits(int32_t max_abs_rem0) const { return max_abs_rem0 <= limit; }
+  uint64_t field(int i, uint64_t v) const { return v << (bits * i); }
+
+  // Vertex r has coordinates rem0_i + r - (d+1)[rank_i > d-r]; going from r to r+1 adds 1 to every
+  // coordinate and subtracts d+1 from the one whose rank is d-r.
+  void insert(Table& tab, const int32_t* rem0, const int32_t* rank, int l, int32_t* out) const {
+    uint64_t key = 0;
+    int inv[kMaxDim + 1];
+    for (int i = 0; i < d; ++i) key |= field(i, static_cast<uint64_t>(rem0[i * L + l] + bias));
+    for (int i = 0; i <= d; ++i) inv[rank[i * L + l]] = i;
+    out[0] = tab.find_or_insert(key);
+    for (int r = 0; r < d; ++r) {
+      const int i = inv[d - r];
+      key += ones;
+      if (i < d) key -= field(i, static_cast<uint64_t>(d + 1));
+      out[r + 1] = tab.find_or_insert(key);
+    }
+  }
+  // Neighbour n1 of lattice point m along axis j: k - 1 everywhere, k_j + d at j (j < d).
+  int32_t find_n1(const Table& g, int32_t m, int j) const {
+    uint64_t key = g.key(m) - ones;
+    if (j < d) key += field(j, static_cast<uint64_t>(d + 1));
+    return g.find(key);
+  }
+  int32_t merge(Table& g, const Table& t, int32_t i) const { return g.find_or_insert(t.key(i)); }
+  void unpack(const Table& g, int32_t m, int32_t* out) const {
+    const uint64_t k = g.key(m);
+    const uint64_t mask = bits == 64 ? ~uint64_t{0} : ((uint64_t{1} << bits) - 1);
+    for (int i = 0; i < d; ++i) out[i] = static_cast<int32_t>(static_cast<int64_t>((k >> (bits * i)) & mask) - bias);
+  }
+};
+
+// Keys as d int32 coordinates (any range the float embedding supports).
+struct GenericKeys {
+  using Table = KeyTable;
+  int d;
+  explicit GenericKeys(int dim) : d(dim) {}
+  void reset(Table& t, std::size_t expected) const { t.reset(d, expected); }
+  bool fits(int32_t) const { return true; }
+  void insert(Table& tab, const int32_t* rem0, const int32_t* rank, int l, int32_t* out) const {
+    int32_t key[kMaxDim];
+    for (int r = 0; r <= d; ++r) {
+      for (int i = 0; i < d; ++i) key[i] = rem0[i * L + l] + (rank[i * L + l] <= d - r ? r : r - (d + 1));
+      out[r] = tab.find_or_insert(key, hash_key(key, d));
+    }
+  }
+  int32_t find_n1(const Table& g, int32_t m, int j) const {
+    int32_t key[kMaxDim];
+    const int32_t* k = g.key(m);
+    for (int i = 0; i < d; ++i) key[i] = k[i] - 1;
+    if (j < d) key[j] = k[j] + d;
+    return g.find(key, hash_key(key, d));
+  }
+  int32_t merge(Table& g, const Table& t, int32_t i) const { return g.find_or_insert(t.key(i), t.hash(i)); }
+  void unpack(const Table& g, int32_t m, int32_t* out) const {
+    const int32_t* k = g.key(m);
+    for (int i = 0; i < d; ++i) out[i] = k[i];
+  }
+};
+
+template <class T>
+std::vector<T>& tables_of(std::vector<PackedTable>& p, std::vector<KeyTable>& g);
+template <>
+std::vector<PackedTable>& tables_of<PackedTable>(std::vector<PackedTable>& p, std::vector<KeyTable>&) {
+  return p;
+}
+template <>
+std::vector<KeyTable>& tables_of<KeyTable>(std::vector<PackedTable>&, std::vector<KeyTable>& g) {
+  return g;
+}
+
+// Fills the feature block f[d][L] of points [p0, p0 + nb); lanes >= nb get zeros.
+struct BlockFeatures {
+  const FeatureSource& s;
+  std::vector<float> xs, ys;  // x / sigma_xy per column, y / sigma_xy per row
+  explicit BlockFeatures(const FeatureSource& src) : s(src) {
+    if (!s.features) {
+      xs.resize(s.width);
+      ys.resize(s.height);
+      for (int64_t x = 0; x < s.width; ++x) xs[x] = static_cast<float>(x) / s.sigma_xy;
+      for (int64_t y = 0; y < s.height; ++y) ys[y] = static_cast<float>(y) / s.sigma_xy;
+    }
+  }
+  void fill(int64_t p0, int nb, float* f) const {
+    const int d = s.dim;
+    if (nb < L)
+      for (int j = 0; j < d; ++j)
+        for (int l = nb; l < L; ++l) f[j * L + l] = 0.f;
+    if (s.features) {
+      for (int l = 0; l < nb; ++l)
+        for (int j = 0; j < d; ++j) f[j * L + l] = s.features[(p0 + l) * d + j];
+      return;
+    }
+    int64_t y = p0 / s.width, x = p0 % s.width;
+    for (int l = 0; l < nb; ++l) {
+      f[l] = xs[x];
+      f[L + l] = ys[y];
+      if (++x == s.width) {
+        x = 0;
+        ++y;
+      }
+    }
+    const int64_t plane = s.height * s.width;
+    const float sr = s.sigma_rgb;
+    for (int c = 0; c < s.channels; ++c) {
+      const float* src = s.image + c * plane + p0;
+      float* dst = f + (2 + c) * L;
+      for (int l = 0; l < nb; ++l) dst[l] = src[l] / sr;
+    }
+  }
+};
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------
+// Lattice construction
+
+void Lattice::build(const FeatureSource& src, int num_threads, bool sse_pad, bool force_generic_keys) {
+  const int d = src.dim;
+  const int64_t n = src.count;
+  if (d < 1 || d > kMaxDim)
+    throw InvalidArgument("lattice: feature dimension must be in [1, " + std::to_string(kMaxDim) + "], got " +
+                          std::to_string(d));
+  if (n < 1) throw InvalidArgument("lattice: need at least one point");
+  if (n > (static_cast<int64_t>(INT32_MAX) - 64) / (d + 1))
+    throw InvalidArgument("lattice: too many points (" + std::to_string(n) + ") for feature dimension " +
+                          std::to_string(d) + ": N*(d+1) must stay below 2^31");
+  if (!src.features && !(src.sigma_xy > 0.f && src.sigma_rgb > 0.f))
+    throw InvalidArgument("lattice: sigmas must be > 0");
+  // Small lattices are not worth splitting.
+  const int nt = std::max(1, std::min<int>(num_threads, static_cast<int>(std::max<int64_t>(1, n / 4096))));
+  if (!force_generic_keys && PackedKeys::usable(d)) {
+    PackedKeys keys(d);
+    if (build_with(src, nt, sse_pad, keys)) {
+      packed_ = true;
+      bits_ = keys.bits;
+      return;
+    }
+  }
+  GenericKeys keys(d);
+  build_with(src, nt, sse_pad, keys);
+  packed_ = false;
+}
+
+template <class Keys>
+bool Lattice::build_with(const FeatureSource& src, int nt, bool sse_pad, Keys& keys) {
+  using Table = typename Keys::Table;
+  std::vector<Table>& tables = tables_of<Table>(ptables_, gtables_);
+  const int d = src.dim;
+  const int64_t n = src.count;
+  const int dp1 = d + 1;
+  const int32_t prev_m = m_;
+  const int64_t prev_n = n_;
+  d_ = d;
+  n_ = n;
+  m_ = 0;
+
+  float scale[kMaxDim];
+  {
+    const double inv_std = std::sqrt(2.0 / 3.0) * (d + 1);
+    for (int i = 0; i < d; ++i) scale[i] = static_cast<float>(inv_std / std::sqrt(static_cast<double>(i + 1) * (i + 2)));
+  }
+  const detail::EmbedFn embed = detail::embed_kernel();
+
+  auto t0 = Clock::now();
+  bary_.resize(static_cast<std::size_t>(n) * dp1);
+  offset_.resize(static_cast<std::size_t>(n) * dp1);
+  pix_lo_.resize(static_cast<std::size_t>(n));
+  pix_hi_.resize(static_cast<std::size_t>(n));
+  if (static_cast<int>(tables.size()) < nt) tables.resize(nt);
+  if (static_cast<int>(remap_.size()) < nt) remap_.resize(nt);
+  chunk_.assign(nt + 1, 0);
+  for (int t = 0; t <= nt; ++t) chunk_[t] = n * t / nt;
+  const BlockFeatures features(src);
+
+  // Expected number of lattice points per chunk (the previous build is a good guess).
+  const std::size_t guess =
+      prev_m > 0 && prev_n > 0 ? static_cast<std::size_t>(static_cast<double>(prev_m) * n / prev_n / nt * 1.25)
+                               : static_cast<std::size_t>(n / nt / 8);
+  const bool pad = sse_pad && (n % 4) != 0;
+
+  // Phase A: embed blocks of points (SIMD) and insert their simplex vertices into a per-chunk table,
+  // numbered in first-insertion order inside the chunk.
+  std::atomic<bool> bad_feature{false}, out_of_range{false};
+  parallel_each(nt, [&](int t) {
+    Table& tab = tables[t];
+    keys.reset(tab, std::max<std::size_t>(guess, 64));
+    alignas(64) float f[kMaxDim * L];
+    alignas(64) float b[(kMaxDim + 1) * L];
+    alignas(64) int32_t rem0[(kMaxDim + 1) * L], rank[(kMaxDim + 1) * L];
+    for (int64_t p0 = chunk_[t]; p0 < chunk_[t + 1]; p0 += L) {
+      const int nb = static_cast<int>(std::min<int64_t>(L, chunk_[t + 1] - p0));
+      features.fill(p0, nb, f);
+      const int32_t mx = embed(d, scale, f, rem0, rank, b);
+      if (mx < 0) {
+        bad_feature.store(true);
+        return;
+      }
+      if (!keys.fits(mx)) {
+        out_of_range.store(true);
+        return;
+      }
+      for (int l = 0; l < nb; ++l) {
+        const int64_t p = p0 + l;
+        float* bp = bary_.data() + p * dp1;
+        for (int r = 0; r < dp1; ++r) bp[r] = b[r * L + l];
+        keys.insert(tab, rem0, rank, l, offset_.data() + p * dp1);
+      }
+    }
+    if (pad && t == nt - 1) {
+      // The original's padding lanes: vertices of the all-zero feature vector, inserted last.
+      for (int i = 0; i < d * L; ++i) f[i] = 0.f;
+      embed(d, scale, f, rem0, rank, b);
+      int32_t dummy[kMaxDim + 1];
+      keys.insert(tab, rem0, rank, 0, dummy);
+    }
+  });
+  if (bad_feature.load())
+    throw InvalidArgument(
+        "lattice: features contain NaN/Inf, or are so large that lattice coordinates exceed 2^22 "
+        "(use larger sigmas)");
+  if (out_of_range.load()) return false;
+  add_time(kTEmbed, t0);
+
+  // Merge the chunk tables in chunk order: global first-insertion order over all points.
+  t0 = Clock::now();
+  Table& g = tables[0];
+  for (int t = 1; t < nt; ++t) {
+    const Table& tab = tables[t];
+    std::vector<int32_t>& map = remap_[t];
+    map.resize(tab.size());
+    for (int32_t i = 0; i < tab.size(); ++i) map[i] = keys.merge(g, tab, i);
+  }
+  m_ = g.size();
+  const int32_t M = m_;
+  neigh_.resize(static_cast<std::size_t>(dp1) * M * 2);
+  cum_.resize(static_cast<std::size_t>(M) + 1);
+  counts_.resize(static_cast<std::size_t>(nt) * M);
+  add_time(kTMerge, t0);
+
+  // Phase B: global slots, per-point slot range, per-chunk vertex counts (for balancing the splat).
+  t0 = Clock::now();
+  parallel_each(nt, [&](int t) {
+    int32_t* cnt = counts_.data() + static_cast<std::size_t>(t) * M;
+    std::fill(cnt, cnt + M, 0);
+    const int32_t* map = t > 0 ? remap_[t].data() : nullptr;
+    for (int64_t p = chunk_[t]; p < chunk_[t + 1]; ++p) {
+      int32_t* op = offset_.data() + p * dp1;
+      int32_t lo = INT32_MAX, hi = -1;
+      for (int r = 0; r < dp1; ++r) {
+        const int32_t gi = map ? map[op[r]] : op[r];
+        op[r] = gi + 1;
+        ++cnt[gi];
+        lo = std::min(lo, gi);
+        hi = std::max(hi, gi);
+      }
+      pix_lo_[p] = lo + 1;
+      pix_hi_[p] = hi + 1;
+    }
+    const int64_t m0 = static_cast<int64_t>(M) * t / nt, m1 = static_cast<int64_t>(M) * (t + 1) / nt;
+    for (int j = 0; j < dp1; ++j) {
+      int32_t* nb = neigh_.data() + static_cast<std::size_t>(j) * M * 2;
+      for (int64_t m = m0; m < m1; ++m) nb[2 * m + 1] = 0;
+    }
+  });
+  {
+    int64_t pos = 0;
+    for (int32_t m = 0; m < M; ++m) {
+      cum_[m] = pos;
+      for (int t = 0; t < nt; ++t) pos += counts_[static_cast<std::size_t>(t) * M + m];
+    }
+    cum_[M] = pos;
+  }
+  add_time(kTIndex, t0);
+
+  // Neighbours. Along axis j the n1 neighbour of key k is k + (-1, ..., -1, +d at j, -1, ...) and
+  // the n2 neighbour of that point is k again; k -> n1(k) is one-to-one, so writing n2 of the found
+  // point never collides between threads.
+  t0 = Clock::now();
+  parallel_each(nt, [&](int t) {
+    const int64_t m0 = static_cast<int64_t>(M) * t / nt, m1 = static_cast<int64_t>(M) * (t + 1) / nt;
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int j = 0; j < dp1; ++j) {
+        const int32_t q = keys.find_n1(g, static_cast<int32_t>(m), j);
+        int32_t* nb = neigh_.data() + static_cast<std::size_t>(j) * M * 2;
+        nb[2 * m] = q + 1;  // 0 when missing
+        if (q >= 0) nb[2 * static_cast<int64_t>(q) + 1] = static_cast<int32_t>(m) + 1;
+      }
+    }
+  });
+  add_time(kTNeighbours, t0);
+  return true;
+}
+
+void Lattice::key(int32_t m, int32_t* out) const {
+  if (m < 0 || m >= m_) throw InvalidArgument("lattice: key index out of range");
+  if (packed_) {
+    PackedKeys(d_).unpack(ptables_[0], m, out);
+  } else {
+    GenericKeys(d_).unpack(gtables_[0], m, out);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Filtering
+
+void Lattice::filter(const float* in, float* out, int k, Layout layout, const float* mask, bool mask_output,
+                     int num_threads) {
+  if (n_ < 1) throw InvalidArgument("lattice: filter called before build");
+  if (k < 1) throw InvalidArgument("lattice: need at least one value channel");
+  const int kp = detail::padded_channels(k);
+  const detail::KernelSet ks = detail::kernels_for(kp);
+  const int dp1 = d_ + 1;
+  const int32_t M = m_;
+  const int64_t n = n_;
+  const bool planar = layout == Layout::kPlanar;
+  const float alpha = static_cast<float>(1.0 / (1.0 + std::pow(2.0, -d_)));
+  const int nt = std::max(1, std::min<int>(num_threads, static_cast<int>(std::max<int64_t>(1, n / 2048))));
+
+  auto t0 = Clock::now();
+  stage_.resize(static_cast<std::size_t>(n) * kp);
+  const std::size_t vsize = (static_cast<std::size_t>(M) + 1) * kp;
+  v0_.resize(vsize);
+  v1_.resize(vsize);
+  float* X = stage_.data();
+  float* V[2] = {v0_.data(), v1_.data()};
+
+  std::atomic<bool> finite{true};
+  parallel_each(nt, [&](int t) {
+    if (!ks.stage(in, planar, n, k, kp, mask, X, n * t / nt, n * (t + 1) / nt)) finite.store(false);
+    const std::size_t z0 = vsize * t / nt, z1 = vsize * (t + 1) / nt;
+    std::fill(V[0] + z0, V[0] + z1, 0.f);  // splat accumulates into V[0]
+  });
+  std::fill(V[1], V[1] + kp, 0.f);  // slot 0 of the other buffer: the zero row for missing neighbours
+  if (!finite.load()) throw InvalidArgument("lattice: values contain NaN or Inf");
+  add_time(kTStage, t0);
+
+  const int32_t* nbs = neigh_.data();
+  const int32_t* offs = offset_.data();
+  const float* bars = bary_.data();
+  const float* omask = mask_output ? mask : nullptr;
+  Timers& tm = timers();
+  const bool timing = tm.enabled.load(std::memory_order_relaxed);
+
+  auto run_team = [&](int tid, int nth, bool with_barrier) {
+    auto barrier = [&]() {
+#ifdef _OPENMP
+      if (with_barrier) {
+#pragma omp barrier
+      }
+#else
+      (void)with_barrier;
+#endif
+    };
+    Clock::time_point ts = Clock::now();
+    auto lap = [&](TimerId id) {
+      if (timing && tid == 0) {
+        tm.ns[id].fetch_add(elapsed_ns(ts), std::memory_order_relaxed);
+        ts = Clock::now();
+      }
+    };
+    // Splat: thread tid owns the lattice points whose splat contributions fall into its share; it
+    // walks all points in order and adds only into its own rows (order per row = point order).
+    if (nth == 1) {
+      ks.splat(offs, bars, dp1, X, V[0], 0, n, 0, M + 1, nullptr, nullptr, kp);
+    } else {
+      const int64_t total = cum_[M];
+      auto cut = [&](int t) -> int32_t {
+        if (t <= 0) return 0;
+        if (t >= nth) return M;
+        return static_cast<int32_t>(std::lower_bound(cum_.begin(), cum_.begin() + M, total * t / nth) -
+                                    cum_.begin());
+      };
+      const int32_t lo = cut(tid) + 1, hi = cut(tid + 1) + 1;  // slots
+      if (hi > lo) ks.splat(offs, bars, dp1, X, V[0], 0, n, lo, hi, pix_lo_.data(), pix_hi_.data(), kp);
+    }
+    barrier();
+    lap(kTSplat);
+    // Blur, axes 0..d.
+    const int32_t m0 = static_cast<int32_t>(static_cast<int64_t>(M) * tid / nth);
+    const int32_t m1 = static_cast<int32_t>(static_cast<int64_t>(M) * (tid + 1) / nth);
+    for (int j = 0; j < dp1; ++j) {
+      ks.blur(V[j & 1], V[(j + 1) & 1], nbs + static_cast<std::size_t>(j) * M * 2, m0, m1, kp);
+      barrier();
+    }
+    lap(kTBlur);
+    // Slice.
+    ks.slice(offs, bars, dp1, V[dp1 & 1], alpha, n, k, kp, planar, omask, out, n * tid / nth,
+             n * (tid + 1) / nth);
+    lap(kTSlice);
+  };
+
+  if (nt == 1) {
+    run_team(0, 1, false);
+  } else {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+    run_team(thread_id(), team_size(), true);
+#else
+    run_team(0, 1, false);
+#endif
+  }
+}
+
+void Lattice::filter_per_channel(const float* in, float* out, int k, const float* mask) {
+  if (n_ < 1) throw InvalidArgument("lattice: filter called before build");
+  const int dp1 = d_ + 1;
+  const int32_t M = m_;
+  const int64_t n = n_;
+  const float alpha = static_cast<float>(1.0 / (1.0 + std::pow(2.0, -d_)));
+  for (int c = 0; c < k; ++c) {
+    const float* x = in + static_cast<int64_t>(c) * n;
+    float* y = out + static_cast<int64_t>(c) * n;
+    // Like the original: fresh zeroed buffers for every call, scatter splat in pixel order.
+    std::vector<float> a(static_cast<std::size_t>(M) + 2, 0.f), bbuf(static_cast<std::size_t>(M) + 2, 0.f);
+    for (int64_t p = 0; p < n; ++p) {
+      const float v = mask ? x[p] * mask[p] : x[p];
+      for (int r = 0; r < dp1; ++r) a[offset_[p * dp1 + r]] += bary_[p * dp1 + r] * v;
+    }
+    float* cur = a.data();
+    float* nxt = bbuf.data();
+    for (int j = 0; j < dp1; ++j) {
+      const int32_t* nb = neigh_.data() + static_cast<std::size_t>(j) * M * 2;
+      for (int32_t m = 0; m < M; ++m) nxt[m + 1] = cur[m + 1] + 0.5f * (cur[nb[2 * m]] + cur[nb[2 * m + 1]]);
+      std::swap(cur, nxt);
+    }
+    for (int64_t p = 0; p < n; ++p) {
+      float acc = 0.f;
+      for (int r = 0; r < dp1; ++r) acc += (bary_[p * dp1 + r] * alpha) * cur[offset_[p * dp1 + r]];
+      y[p] = acc;
+    }
+  }
+}
+
+std::size_t Lattice::memory_bytes() const {
+  std::size_t s = bary_.capacity() * sizeof(float) + offset_.capacity() * sizeof(int32_t) +
+                  neigh_.capacity() * sizeof(int32_t) + cum_.capacity() * sizeof(int64_t) +
+                  (pix_lo_.capacity() + pix_hi_.capacity()) * sizeof(int32_t) + counts_.capacity() * sizeof(int32_t) +
+                  (stage_.capacity() + v0_.capacity() + v1_.capacity()) * sizeof(float);
+  for (const auto& t : ptables_) s += t.memory_bytes();
+  for (const auto& t : gtables_) s += t.memory_bytes();
+  for (const auto& r : remap_) s += r.capacity() * sizeof(int32_t);
+  return s;
+}
+
+void Lattice::release() {
+  std::vector<float>().swap(bary_);
+  std::vector<int32_t>().swap(offset_);
+  std::vector<int32_t>().swap(neigh_);
+  std::vector<int64_t>().swap(cum_);
+  std::vector<int32_t>().swap(pix_lo_);
+  std::vector<int32_t>().swap(pix_hi_);
+  std::vector<PackedTable>().swap(ptables_);
+  std::vector<KeyTable>().swap(gtables_);
+  std::vector<std::vector<int32_t>>().swap(remap_);
+  std::vector<int32_t>().swap(counts_);
+  std::vector<float>().swap(stage_);
+  std::vector<float>().swap(v0_);
+  std::vector<float>().swap(v1_);
+  n_ = 0;
+  m_ = 0;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Batched entry points
+
+namespace {
+
+std::mutex g_pool_mutex;
+std::vector<std::unique_ptr<Lattice>> g_pool;
+
+// Borrows lattices (and their buffers) from a process-wide pool, so repeated calls reuse memory.
+struct Lease {
+  std::vector<std::unique_ptr<Lattice>> items;
+  explicit Lease(int count) {
+    std::lock_guard<std::mutex> lock(g_pool_mutex);
+    for (int i = 0; i < count; ++i) {
+      if (!g_pool.empty()) {
+        items.push_back(std::move(g_pool.back()));
+        g_pool.pop_back();
+      } else {
+        items.push_back(std::make_unique<Lattice>());
+      }
+    }
+  }
+  ~Lease() {
+    std::lock_guard<std::mutex> lock(g_pool_mutex);
+    for (auto& l : items) g_pool.push_back(std::move(l));
+  }
+  Lattice& operator[](int i) { return *items[i]; }
+};
+
+// Runs work(image, lattice, threads_inside) for all b images: groups of `threads` images run in
+// parallel with one thread each, the remaining images one after the other with all threads.
+template <class F>
+void run_batch(int64_t b, int num_threads, F&& work) {
+  const int nt = std::max(1, num_threads);
+  const int64_t outer = nt > 1 && b >= nt ? (b / nt) * nt : 0;
+  Lease lease(static_cast<int>(std::min<int64_t>(nt, std::max<int64_t>(b, 1))));
+  if (outer > 0) {
+#ifdef _OPENMP
+    std::exception_ptr err = nullptr;
+#pragma omp parallel num_threads(nt)
+    {
+      Lattice& lat = lease[thread_id()];
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t i = 0; i < outer; ++i) {
+        try {
+          work(i, lat, 1);
+        } catch (...) {
+#pragma omp critical(rloss_lattice_error)
+          {
+            if (!err) err = std::current_exception();
+          }
+        }
+      }
+    }
+    if (err) std::rethrow_exception(err);
+#else
+    for (int64_t i = 0; i < outer; ++i) work(i, lease[0], 1);
+#endif
+  }
+  for (int64_t i = outer; i < b; ++i) work(i, lease[0], nt);
+}
+
+}  // namespace
+
+void filter_image_batch(const float* image, int64_t b, int c, int64_t h, int64_t w, const float* values, int k,
+                        float* out, float sigma_xy, float sigma_rgb, const float* mask, bool mask_output,
+                        int num_threads, bool sse_pad) {
+  const int64_t n = h * w;
+  run_batch(b, num_threads, [&](int64_t i, Lattice& lat, int threads) {
+    const FeatureSource src = FeatureSource::from_image(image + i * c * n, c, h, w, sigma_xy, sigma_rgb);
+    lat.build(src, threads, sse_pad);
+    lat.filter(values + i * k * n, out + i * k * n, k, Layout::kPlanar, mask ? mask + i * n : nullptr,
+               mask_output, threads);
+  });
+}
+
+void filter_feature_batch(const float* features, int64_t b, int64_t n, int d, const float* values, int k,
+                          float* out, int num_threads, bool sse_pad) {
+  run_batch(b, num_threads, [&](int64_t i, Lattice& lat, int threads) {
+    lat.build(FeatureSource::from_array(features + i * n * d, n, d), threads, sse_pad);
+    lat.filter(values + i * k * n, out + i * k * n, k, Layout::kPlanar, nullptr, false, threads);
+  });
+}
+
+void filter_image_batch_per_channel(const float* image, int64_t b, int c, int64_t h, int64_t w,
+                                    const float* values, int k, float* out, float sigma_xy, float sigma_rgb,
+                                    const float* mask, int num_threads, bool sse_pad) {
+  const int64_t n = h * w;
+  // One thread per image (the original's OpenMP over images), capped by the batch size.
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, b)));
+  Lease lease(nt);
+  std::exception_ptr err = nullptr;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+#endif
+  for (int64_t i = 0; i < b; ++i) {
+    try {
+      Lattice& lat = lease[thread_id()];
+      lat.build(FeatureSource::from_image(image + i * c * n, c, h, w, sigma_xy, sigma_rgb), 1, sse_pad);
+      lat.filter_per_channel(values + i * k * n, out + i * k * n, k, mask ? mask + i * n : nullptr);
+    } catch (...) {
+#ifdef _OPENMP
+#pragma omp critical(rloss_lattice_error)
+#endif
+      {
+        if (!err) err = std::current_exception();
+      }
+    }
+  }
+  if (err) std::rethrow_exception(err);
+}
+
+void release_workspaces() {
+  std::lock_guard<std::mutex> lock(g_pool_mutex);
+  g_pool.clear();
+}
+
+std::size_t workspace_bytes() {
+  std::lock_guard<std::mutex> lock(g_pool_mutex);
+  std::size_t s = 0;
+  for (const auto& l : g_pool) s += l->memory_bytes();
+  return s;
+}
+
+}  // namespace rloss

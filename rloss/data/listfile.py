@@ -1,0 +1,90 @@
+"""List files (`image_data_param.source`) and Caffe's cursor over them.
+
+A list file has one sample per line: whitespace-separated tokens, token 1 the image path, token 2
+the label (a label image path, or an integer class for ImageData); extra tokens are ignored. Paths
+are used as `root_folder + token`, plain concatenation as in Caffe (no separator inserted).
+Caffe makes an entry of every line, so a blank line in the middle fails only when it is reached;
+we refuse it when the list is read, naming the line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from rloss.errors import DataError
+
+
+@dataclass(frozen=True)
+class ListEntry:
+    """One line of a list file: its number (from 1), the image token and the label token."""
+
+    line: int
+    image: str
+    label: str | None
+
+    def where(self, source: str) -> str:
+        return f"line {self.line} of the list '{source}'"
+
+
+def _lines(source: str, who: str) -> list[str]:
+    """The lines as C++'s getline gives them: a final newline does not start an extra line."""
+    try:
+        with open(source, encoding="utf-8", newline="") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{who}: cannot read the list file '{source}': {error}") from error
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+def read_list(source: str, need_label: bool, who: str) -> list[ListEntry]:
+    """Parse `source`; `need_label` demands a second token on every line. `who` names the layer."""
+    entries = []
+    for number, line in enumerate(_lines(source, who), 1):
+        tokens = line.split()
+        if not tokens:
+            raise DataError(f"{who}: line {number} of the list '{source}' is empty (Caffe would fail "
+                            "when it reaches it); remove blank lines")
+        if need_label and len(tokens) < 2:
+            raise DataError(f"{who}: line {number} of the list '{source}' has no label token: '{line}'")
+        entries.append(ListEntry(number, tokens[0], tokens[1] if len(tokens) > 1 else None))
+    if not entries:
+        raise DataError(f"{who}: the list file '{source}' is empty")
+    return entries
+
+
+class SampleOrder:
+    """Which list entry each successive sample is, as Caffe's data layers walk the list.
+
+    With `shuffle` the list is permuted at set-up and again every time the cursor wraps around;
+    batches do not stop at the end of the list (a batch may straddle two epochs). `skip` is where
+    the cursor starts (Caffe's `rand_skip` draw), counted in the first permutation."""
+
+    def __init__(self, count: int, shuffle: bool, rng: np.random.Generator, skip: int = 0):
+        self.count = count
+        self.shuffle = shuffle
+        self.rng = rng
+        self.order = self._permutation()
+        self.cursor = skip
+        self.epoch = 0
+
+    def _permutation(self) -> np.ndarray:
+        if self.shuffle:
+            return self.rng.permutation(self.count)
+        return np.arange(self.count)
+
+    def take(self, n: int) -> list[int]:
+        """The entry indices of the next `n` samples."""
+        taken = []
+        for _ in range(n):
+            taken.append(int(self.order[self.cursor]))
+            self.cursor += 1
+            if self.cursor == self.count:
+                self.cursor = 0
+                self.epoch += 1
+                self.order = self._permutation()
+        return taken

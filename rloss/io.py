@@ -1,0 +1,257 @@
+"""Caffe's binary files: `.caffemodel` (a NetParameter), `.solverstate` (a SolverState) and their
+HDF5 variants, read with checks that turn corrupt or mistaken files into clear WeightsErrors, and
+written atomically (a crash never leaves a half-written snapshot)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from contextlib import suppress
+from pathlib import Path
+from typing import Callable, Union
+
+import numpy as np
+from google.protobuf.message import DecodeError, EncodeError
+
+from rloss.errors import ProtoError, WeightsError
+from rloss.proto import caffe_pb2
+from rloss.proto.blob import array_to_blob, blob_shape
+from rloss.proto.upgrade import upgrade_v1_net
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+# ---- reading ----------------------------------------------------------------------------------------
+
+def read_net_param(path: PathLike):
+    """The NetParameter of a `.caffemodel` (V1 upgraded), or of a Caffe HDF5 model when the name
+    ends in `.h5` (layer names and blobs only)."""
+    if str(path).endswith(".h5"):
+        return _read_h5_model(path)
+    data = _read_bytes(path)
+    net = _parse(data, caffe_pb2.NetParameter(), path, "a Caffe model (.caffemodel)")
+    if not len(net.layer) and not len(net.layers):
+        raise WeightsError(f"{path}: not a Caffe model: it holds no layers{_looks_like(data)}")
+    try:
+        net = upgrade_v1_net(net, str(path))
+    except ProtoError as error:
+        raise WeightsError(str(error)) from None
+    for index, layer in enumerate(net.layer):
+        _check_blobs(layer.blobs, f"{path}: layer '{layer.name}' (#{index})")
+    return net
+
+
+def read_solver_state(path: PathLike):
+    """The SolverState of a `.solverstate` (or of a Caffe HDF5 solver state when the name ends in `.h5`)."""
+    if str(path).endswith(".h5"):
+        return _read_h5_state(path)
+    data = _read_bytes(path)
+    state = _parse(data, caffe_pb2.SolverState(), path, "a solver state (.solverstate)")
+    if _has_unknown_fields(state) or not state.ListFields():
+        raise WeightsError(f"{path}: not a Caffe solver state: it holds fields a SolverState does not have"
+                           f"{_looks_like(data)}")
+    _check_blobs(state.history, f"{path}: history")
+    return state
+
+
+def _read_bytes(path: PathLike) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise WeightsError(f"{path}: cannot read: {error.strerror or error}") from None
+    if not data:
+        raise WeightsError(f"{path}: the file is empty (0 bytes); was the snapshot interrupted?")
+    return data
+
+
+def _parse(data: bytes, message, path: PathLike, what: str):
+    """`message` parsed from `data`; a protobuf decoding failure becomes a WeightsError."""
+    try:
+        message.ParseFromString(data)
+    except (DecodeError, RuntimeError) as error:
+        raise WeightsError(f"{path}: not {what}, or truncated/corrupt: the protobuf data cannot be decoded "
+                           f"({len(data)} bytes; {error}){_looks_like(data)}") from None
+    return message
+
+
+def _looks_like(data: bytes) -> str:
+    """A hint about what the file is instead ('' when nothing recognisable)."""
+    if data.startswith(_HDF5_SIGNATURE):
+        return "; it is an HDF5 file: Caffe reads those only when the name ends in .h5"
+    if _is_text(data[:4096]):
+        return "; it is a text file (a prototxt?): weights and solver states are binary"
+    state = _try_parse(data, caffe_pb2.SolverState())
+    if state is not None and (len(state.history) or state.learned_net):
+        return f"; it looks like a .solverstate (iter {state.iter}, learned_net '{state.learned_net}')"
+    net = _try_parse(data, caffe_pb2.NetParameter())
+    if net is not None and (len(net.layer) or len(net.layers)):
+        return f"; it looks like a .caffemodel (net '{net.name}', {len(net.layer) + len(net.layers)} layers)"
+    return ""
+
+
+def _try_parse(data: bytes, message):
+    """`message` parsed from `data` when that works without unknown fields, else None."""
+    try:
+        message.ParseFromString(data)
+    except (DecodeError, RuntimeError):
+        return None
+    return None if _has_unknown_fields(message) else message
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(c.isprintable() or c in "\n\r\t" for c in text)
+
+
+def _has_unknown_fields(message) -> bool:
+    """Whether the top level of `message` kept fields its schema does not know (wrong file type)."""
+    try:
+        from google.protobuf import unknown_fields
+    except ImportError:  # protobuf < 4.21 keeps them on the message itself
+        return len(message.UnknownFields()) > 0
+    return len(unknown_fields.UnknownFieldSet(message)) > 0
+
+
+def _check_blobs(blobs, where: str) -> None:
+    """Every blob's value count must match its shape (Caffe aborts on a mismatch when loading)."""
+    for index, blob in enumerate(blobs):
+        shape = blob_shape(blob)
+        if any(d < 0 for d in shape):
+            raise WeightsError(f"{where} blob {index}: negative dimension in shape {shape}")
+        count = int(np.prod(shape, dtype=np.int64))
+        for name in ("data", "diff"):
+            values = max(len(getattr(blob, name)), len(getattr(blob, "double_" + name)))
+            if values != count and (name == "data" or values):
+                raise WeightsError(f"{where} blob {index}: shape {shape} needs {count} values but the "
+                                   f"file holds {values} {name} values (truncated or corrupt file?)")
+
+
+# ---- HDF5 -------------------------------------------------------------------------------------------
+
+def _h5py():
+    try:
+        import h5py
+    except ImportError:
+        raise WeightsError("reading .h5 files needs the h5py package: pip install h5py") from None
+    return h5py
+
+
+def _open_h5(path: PathLike, read: Callable):
+    """`read(file)` on the opened HDF5 file, with HDF5 failures turned into WeightsErrors."""
+    h5py = _h5py()
+    try:
+        with h5py.File(path, "r") as handle:
+            return read(handle)
+    except OSError as error:
+        raise WeightsError(f"{path}: cannot read as HDF5: {error}") from None
+    except KeyError as error:
+        raise WeightsError(f"{path}: missing HDF5 entry: {error}") from None
+
+
+def _read_h5_model(path: PathLike):
+    """Caffe's HDF5 model: group data/<layer>/<i>. A blob Caffe did not store (a weight shared
+    with an earlier layer) is an empty BlobProto: no shape and no values."""
+
+    def read(handle):
+        data = _h5_group(handle, "data", path, "a Caffe HDF5 model keeps its weights in data/<layer>/<i>")
+        net = caffe_pb2.NetParameter()
+        for layer_name, group in data.items():
+            layer = net.layer.add()
+            layer.name = layer_name
+            for array in _h5_blobs(group, f"{path}: data/{layer_name}"):
+                blob = layer.blobs.add()
+                if array is not None:
+                    blob.CopyFrom(array_to_blob(array))
+        return net
+
+    return _open_h5(path, read)
+
+
+def _read_h5_state(path: PathLike):
+    """Caffe's HDF5 solver state: datasets iter, learned_net, current_step and group history/<i>."""
+
+    def read(handle):
+        state = caffe_pb2.SolverState()
+        state.iter = int(np.asarray(handle["iter"][()]).reshape(-1)[0])
+        if "learned_net" in handle:
+            name = handle["learned_net"][()]
+            state.learned_net = name.decode() if isinstance(name, bytes) else str(name)
+        if "current_step" in handle:
+            state.current_step = int(np.asarray(handle["current_step"][()]).reshape(-1)[0])
+        history = _h5_group(handle, "history", path, "a Caffe HDF5 solver state keeps history/<i>")
+        for array in _h5_blobs(history, f"{path}: history"):
+            if array is None:
+                raise WeightsError(f"{path}: history has gaps in its numbering")
+            state.history.add().CopyFrom(array_to_blob(array))
+        return state
+
+    return _open_h5(path, read)
+
+
+def _h5_group(handle, name: str, path: PathLike, why: str):
+    group = handle.get(name)
+    if group is None or not hasattr(group, "items"):
+        raise WeightsError(f"{path}: no HDF5 group '{name}' ({why})")
+    return group
+
+
+def _h5_blobs(group, where: str) -> list:
+    """The arrays of datasets named 0, 1, ... (None for a missing index below the largest)."""
+    if not hasattr(group, "items"):
+        raise WeightsError(f"{where}: expected a group of datasets 0, 1, 2..., found a dataset")
+    try:
+        by_index = {int(key): value for key, value in group.items()}
+    except ValueError:
+        raise WeightsError(f"{where}: blob names must be 0, 1, 2...; found {sorted(group)}") from None
+    for index, value in by_index.items():
+        if not hasattr(value, "dtype"):
+            raise WeightsError(f"{where}/{index}: expected a dataset, found a group")
+    return [np.asarray(by_index[i][()], dtype=np.float32) if i in by_index else None
+            for i in range(max(by_index, default=-1) + 1)]
+
+
+# ---- writing ----------------------------------------------------------------------------------------
+
+def write_message_atomic(message, path: PathLike) -> None:
+    """Serialize `message` to `path` through a temporary file in the same directory, fsync'ed and then
+    renamed over the target: readers see the old file or the complete new one, never a partial one."""
+    path = Path(path)
+    try:
+        data = message.SerializeToString()
+    except EncodeError as error:
+        raise WeightsError(f"cannot write {path}: the message is incomplete ({error})") from None
+    try:
+        _replace_with(path, data)
+    except OSError as error:
+        raise WeightsError(f"cannot write {path}: {error.strerror or error}") from None
+
+
+def _replace_with(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(temporary)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (POSIX; a no-op where directories cannot be opened)."""
+    with suppress(OSError, AttributeError):
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)

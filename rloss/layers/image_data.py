@@ -1,0 +1,331 @@
+"""Data layers that read the images named in a list file: ImageSegData (the DeepLab fork's image +
+label-map layer) and ImageData (upstream Caffe's image + class layer).
+
+Both read `image_data_param.source`, walk it in Caffe's order (optional shuffle, reshuffled at each
+wrap-around; optional random skip at the start), transform each sample as Caffe's transformer does
+(`rloss.data.transform`) and load batches ahead of the net in background threads
+(`rloss.data.prefetch`, 5 batches, as Caffe prefetches). Random numbers come from a generator seeded
+from torch's global RNG when the layer is built, so a solver's `random_seed` makes runs repeatable;
+Caffe's own random stream is not reproduced. `data_wait_seconds` is the total time `forward` has
+waited for data.
+
+Labels are read as raw 8-bit values; palette PNGs give their indices, where Caffe would read their
+luma values (see `rloss.data.imageio`).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from rloss.data.imageio import read_bgr, read_gray, read_label
+from rloss.data.listfile import ListEntry, SampleOrder, read_list
+from rloss.data.prefetch import Prefetcher
+from rloss.data.resize import resize_linear, resize_nearest
+from rloss.data.transform import TransformConfig, transform_image, transform_segmentation
+from rloss.errors import DataError
+from rloss.layers.base import Shape
+from rloss.layers.data import SourceLayer
+from rloss.layers.registry import register_layer
+from rloss.proto import caffe_pb2
+
+log = logging.getLogger("rloss")
+
+PREFETCH_BATCHES = 5
+_LabelType = caffe_pb2.ImageDataParameter
+_IGNORED_DATA_FIELDS = ("scale", "mean_file", "crop_size", "mirror")
+
+
+@dataclass
+class Sample:
+    """One transformed sample: where it came from (for error messages) and its arrays, one per top."""
+
+    where: str
+    arrays: tuple[np.ndarray, ...]
+
+
+@dataclass
+class _Reader:
+    """Reads and transforms one list entry (runs in a worker thread; holds no reference to the
+    layer, so a layer that is no longer used can be collected and its workers stopped)."""
+
+    entries: list[ListEntry]
+    root: str
+    source: str
+    who: str
+    config: TransformConfig
+    new_size: tuple[int, int] | None
+
+    def where(self, entry: ListEntry) -> str:
+        return f"{self.who}: {entry.where(self.source)}"
+
+    def resized(self, image: np.ndarray, resize: Callable) -> np.ndarray:
+        """Caffe's read-time resize to (new_height, new_width), when asked for."""
+        if self.new_size is None:
+            return image
+        return resize(image, *self.new_size)
+
+
+@dataclass
+class _SegReader(_Reader):
+    label_type: int = _LabelType.PIXEL
+
+    def read(self, entry: ListEntry) -> tuple[np.ndarray, np.ndarray]:
+        """The BGR image and its uint8 label map, same size."""
+        where = self.where(entry)
+        image_path = self.root + entry.image
+        image = self.resized(read_bgr(image_path, where), resize_linear)
+        if self.label_type != _LabelType.PIXEL:
+            value = self.config.ignore_label if self.label_type == _LabelType.NONE else int(entry.label)
+            return image, np.full(image.shape[:2], value, dtype=np.uint8)
+        label_path = self.root + entry.label
+        label = self.resized(read_label(label_path, where), resize_nearest)
+        if label.shape != image.shape[:2]:
+            raise DataError(f"{where}: the image '{image_path}' is {image.shape[0]}x{image.shape[1]} "
+                            f"but the label '{label_path}' is {label.shape[0]}x{label.shape[1]}")
+        return image, label
+
+    def __call__(self, item: tuple[int, int]) -> Sample:
+        entry = self.entries[item[0]]
+        image, label = self.read(entry)
+        try:
+            data, labels, data_dim = transform_segmentation(image, label, self.config,
+                                                            np.random.default_rng(item[1]))
+        except DataError as error:
+            raise DataError(f"{self.where(entry)}: {error}") from error
+        return Sample(self.where(entry), (data, labels[None], data_dim.reshape(1, 1, 2)))
+
+
+@dataclass
+class _ClassReader(_Reader):
+    color: bool = True
+
+    def read(self, entry: ListEntry) -> np.ndarray:
+        """The image, (H, W, C) uint8 with C = 3 (BGR) or 1 (grey)."""
+        path = self.root + entry.image
+        if self.color:
+            return self.resized(read_bgr(path, self.where(entry)), resize_linear)
+        return self.resized(read_gray(path, self.where(entry)), resize_linear)[:, :, None]
+
+    def __call__(self, item: tuple[int, int]) -> Sample:
+        entry = self.entries[item[0]]
+        image = self.read(entry)
+        try:
+            data = transform_image(image, self.config, np.random.default_rng(item[1]))
+        except DataError as error:
+            raise DataError(f"{self.where(entry)}: '{self.root + entry.image}': {error}") from error
+        return Sample(self.where(entry), (data, np.array(float(entry.label), dtype=np.float32)))
+
+
+def _torch_seed() -> int:
+    """A seed drawn from torch's global generator (so `torch.manual_seed` fixes the data order)."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def _planner(order: SampleOrder, rng: np.random.Generator, batch_size: int) -> Callable[[], list]:
+    """The next batch's (entry index, per-sample seed) pairs, drawn in the consumer thread."""
+
+    def plan() -> list[tuple[int, int]]:
+        return [(index, int(rng.integers(2**63))) for index in order.take(batch_size)]
+
+    return plan
+
+
+class _ImageListLayer(SourceLayer):
+    """What ImageSegData and ImageData share: parameters, list, sample order, prefetching, batching."""
+
+    channels = 3
+
+    def setup(self, bottom_shapes: list[Shape]) -> None:
+        data_param = self.param.image_data_param
+        self.who = f"layer '{self.name}' (type {self.type_name})"
+        self._warn_ignored_fields(data_param)
+        if data_param.batch_size < 1:
+            raise self.error(f"image_data_param.batch_size must be positive, got {data_param.batch_size}")
+        self.batch_size = int(data_param.batch_size)
+        self.source = data_param.source
+        entries = read_list(self.source, self.needs_label_token(), self.who)
+        self.check_labels(entries)
+        rng = np.random.default_rng(_torch_seed())
+        self.order = SampleOrder(len(entries), bool(data_param.shuffle), rng,
+                                 self._skip(data_param.rand_skip, len(entries), rng))
+        self.reader = self.make_reader(entries, self._transform_config(), self._new_size(data_param))
+        self.sample_shapes = self.first_sample_shapes(entries[self.order.order[self.order.cursor]])
+        self.prefetcher = Prefetcher(_planner(self.order, rng, self.batch_size), self.reader,
+                                     depth=PREFETCH_BATCHES, name=f"rloss-data-{self.name}")
+        self._stop_workers = weakref.finalize(self, self.prefetcher.close)
+
+    # ---- for subclasses ---------------------------------------------------------------------------
+    def needs_label_token(self) -> bool:
+        raise NotImplementedError
+
+    def check_labels(self, entries: list[ListEntry]) -> None:
+        """Refuse label tokens that cannot be used, naming the line (called once, at set-up)."""
+
+    def make_reader(self, entries: list[ListEntry], config: TransformConfig,
+                    new_size: tuple[int, int] | None) -> _Reader:
+        raise NotImplementedError
+
+    def first_sample_shapes(self, first: ListEntry) -> list[Shape]:
+        """The per-sample shape of each top (the first image's size when there is no crop)."""
+        raise NotImplementedError
+
+    # ---- shared -----------------------------------------------------------------------------------
+    def reshape(self, bottom_shapes: list[Shape]) -> list[Shape]:
+        return [(self.batch_size, *shape) for shape in self.sample_shapes][:self.num_tops]
+
+    def forward(self) -> list[torch.Tensor]:  # type: ignore[override]
+        samples: list[Sample] = self.prefetcher.next()
+        tops = [self._stack([sample.arrays[i] for sample in samples], samples) for i in range(self.num_tops)]
+        return [self.place(top) for top in tops]
+
+    @property
+    def data_wait_seconds(self) -> float:
+        """Total time `forward` has been blocked waiting for the background loaders."""
+        return self.prefetcher.waited_seconds
+
+    def close(self) -> None:
+        """Stop the background loaders (also done when the layer is garbage-collected)."""
+        self._stop_workers()
+
+    def _stack(self, arrays: list[np.ndarray], samples: Sequence[Sample]) -> torch.Tensor:
+        for array, sample in zip(arrays, samples):
+            if array.shape != arrays[0].shape:
+                raise DataError(f"{sample.where}: this sample has shape {array.shape} but the first of "
+                                f"its batch has {arrays[0].shape}; without a crop every image of a batch "
+                                "must have the same size")
+        return torch.from_numpy(np.stack(arrays))
+
+    def _warn_ignored_fields(self, data_param) -> None:
+        for field in _IGNORED_DATA_FIELDS:
+            if data_param.HasField(field):
+                log.warning("%s: image_data_param.%s is ignored (as in Caffe); set it in transform_param",
+                            self.who, field)
+
+    def _skip(self, rand_skip: int, count: int, rng: np.random.Generator) -> int:
+        if not rand_skip:
+            return 0
+        if rand_skip > count:
+            raise self.error(f"rand_skip {rand_skip} is larger than the list '{self.source}' "
+                             f"({count} lines); Caffe fails when it draws a skip past the end")
+        return int(rng.integers(rand_skip))
+
+    def _new_size(self, data_param) -> tuple[int, int] | None:
+        height, width = int(data_param.new_height), int(data_param.new_width)
+        if (height > 0) != (width > 0):
+            raise self.error(f"give both new_height and new_width or neither, got {height} and {width}")
+        return (height, width) if height else None
+
+    def _crop(self, transform) -> tuple[int, int] | None:
+        size, height, width = int(transform.crop_size), int(transform.crop_height), int(transform.crop_width)
+        if size and (height or width):
+            raise self.error(f"give crop_size ({size}) or crop_height/crop_width ({height}/{width}), not both")
+        if (height > 0) != (width > 0):
+            raise self.error(f"give both crop_height and crop_width, got {height} and {width}")
+        if size:
+            return size, size
+        return (height, width) if height else None
+
+    def _transform_config(self) -> TransformConfig:
+        transform = self.param.transform_param
+        if transform.mean_file:
+            raise self.error(f"transform_param.mean_file ('{transform.mean_file}') is not supported by "
+                             "this layer; give mean_value (once, or once per channel)")
+        means = np.asarray(transform.mean_value, dtype=np.float32)
+        if len(means) not in (0, 1, self.channels):
+            raise self.error(f"give mean_value once or {self.channels} times (once per channel), "
+                             f"not {len(means)} times")
+        factors = tuple(float(np.float32(f)) for f in transform.scale_factors)
+        if any(f <= 0 for f in factors):
+            raise self.error(f"scale_factors must be positive, got {list(factors)}")
+        return TransformConfig(
+            crop=self._crop(transform),
+            mean=np.broadcast_to(means, (self.channels,)).copy() if len(means) else
+            np.zeros(self.channels, dtype=np.float32),
+            scale=float(np.float32(transform.scale)),
+            mirror=bool(transform.mirror),
+            random_crop=self.phase == caffe_pb2.TRAIN,
+            scale_factors=factors,
+            ignore_label=int(self.param.image_data_param.ignore_label),
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, source={self.source!r}, batch_size={self.batch_size}"
+
+
+@register_layer("ImageSegData")
+class ImageSegData(_ImageListLayer):
+    """Images and label maps (the DeepLab fork). Tops: data (N, 3, h, w) = (BGR - mean) * scale;
+    label (N, 1, h, w) with padding = ignore_label; data_dim (N, 1, 1, 2) = the image size before
+    scaling, clipped to the crop. The three tops always exist (`auto_tops`), however many the
+    prototxt names."""
+
+    tops = (1, 3)
+    auto_tops = 3
+
+    def needs_label_token(self) -> bool:
+        return self.param.image_data_param.label_type != _LabelType.NONE
+
+    def check_labels(self, entries: list[ListEntry]) -> None:
+        if self.param.image_data_param.label_type != _LabelType.IMAGE:
+            return
+        for entry in entries:
+            if not _is_int_in(entry.label, 0, 255):
+                raise DataError(f"{self.who}: {entry.where(self.source)}: label_type IMAGE needs an integer "
+                                f"label in 0..255 as the second token, got '{entry.label}'")
+
+    def make_reader(self, entries, config, new_size) -> _Reader:
+        label_type = self.param.image_data_param.label_type
+        return _SegReader(entries, self.param.image_data_param.root_folder, self.source, self.who,
+                          config, new_size, label_type)
+
+    def first_sample_shapes(self, first: ListEntry) -> list[Shape]:
+        crop = self.reader.config.crop
+        height, width = crop if crop else self.reader.read(first)[0].shape[:2]
+        return [(3, height, width), (1, height, width), (1, 1, 2)]
+
+
+@register_layer("ImageData")
+class ImageData(_ImageListLayer):
+    """Images and one integer class each (upstream Caffe). Tops: data (N, C, h, w) with C = 3 (BGR)
+    or 1 (`is_color: false`, grey), = (pixel - mean) * scale; label (N,). Images must be at least
+    as large as the crop (no padding); `scale_factors` are not used by this layer."""
+
+    tops = (2, 2)
+
+    def setup(self, bottom_shapes: list[Shape]) -> None:
+        self.channels = 3 if self.param.image_data_param.is_color else 1
+        if self.param.transform_param.scale_factors:
+            log.warning("layer '%s' (type ImageData): transform_param.scale_factors is ignored (as in "
+                        "Caffe); only ImageSegData rescales", self.name)
+        super().setup(bottom_shapes)
+
+    def needs_label_token(self) -> bool:
+        return True
+
+    def check_labels(self, entries: list[ListEntry]) -> None:
+        for entry in entries:
+            if not _is_int_in(entry.label, -(2**31), 2**31 - 1):
+                raise DataError(f"{self.who}: {entry.where(self.source)}: the second token must be an "
+                                f"integer class, got '{entry.label}'")
+
+    def make_reader(self, entries, config, new_size) -> _Reader:
+        return _ClassReader(entries, self.param.image_data_param.root_folder, self.source, self.who,
+                            config, new_size, bool(self.param.image_data_param.is_color))
+
+    def first_sample_shapes(self, first: ListEntry) -> list[Shape]:
+        crop = self.reader.config.crop
+        height, width = crop if crop else self.reader.read(first).shape[:2]
+        return [(self.channels, height, width), ()]
+
+
+def _is_int_in(token: str | None, low: int, high: int) -> bool:
+    try:
+        return low <= int(token) <= high
+    except (TypeError, ValueError):
+        return False

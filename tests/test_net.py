@@ -1,0 +1,127 @@
+"""Net construction rules (spec section 3): Split insertion and naming, in-place tops, fan-out gradient
+sums, parameter sharing, loss weights, propagate_down, outputs, and clear errors for bad wiring."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from google.protobuf import text_format
+
+from rloss import caffe
+from rloss.errors import NetError
+from rloss.net import Net
+from rloss.proto import caffe_pb2
+
+HEAD = 'name: "t" input: "x" input_shape { dim: 2 dim: 3 dim: 5 dim: 5 } '
+
+
+def build(text: str, phase: int = caffe_pb2.TRAIN) -> Net:
+    return Net(text_format.Parse(text, caffe_pb2.NetParameter()), phase, source="test.prototxt")
+
+
+def conv(name: str, bottom: str, top: str, extra: str = "", n: int = 4) -> str:
+    return (f'layer {{ name: "{name}" type: "Convolution" bottom: "{bottom}" top: "{top}" {extra} '
+            f'convolution_param {{ num_output: {n} kernel_size: 3 pad: 1 '
+            f'weight_filler {{ type: "gaussian" std: 0.1 }} }} }} ')
+
+
+def test_split_layers_are_named_as_caffe_names_them() -> None:
+    net = build(HEAD + conv("c1", "x", "a") + conv("c2", "a", "b") + conv("c3", "a", "c") + conv("c4", "x", "d"))
+    names = net.layer_names()
+    assert names[0] == "x_input_0_split" and "a_c1_0_split" in names
+    assert net.layer_bottoms("c2") == ["a_c1_0_split_0"] and net.layer_bottoms("c3") == ["a_c1_0_split_1"]
+    assert net.layer_bottoms("c4") == ["x_input_0_split_1"]
+    assert net.outputs == ["b", "c", "d"]
+
+
+def test_fan_out_gradient_is_the_sum_of_the_consumers() -> None:
+    text = (HEAD.replace('name: "t"', 'name: "t" force_backward: true')
+            + conv("c1", "x", "a") + conv("c2", "a", "b") + conv("c3", "a", "c"))
+    net = caffe.Net._wrap(build(text))
+    net.blobs["x"].data[...] = np.random.RandomState(0).randn(2, 3, 5, 5)
+    net.forward()
+    net.blobs["b"].diff[...] = 1.0
+    net.blobs["c"].diff[...] = 2.0
+    net.backward()
+    split0, split1 = net.blobs["a_c1_0_split_0"].diff, net.blobs["a_c1_0_split_1"].diff
+    np.testing.assert_allclose(net.blobs["a"].diff, split0 + split1, rtol=1e-5, atol=1e-6)
+    assert np.abs(split0).max() > 0 and np.abs(split1).max() > 0
+
+
+def test_in_place_diff_is_the_gradient_of_the_first_producer() -> None:
+    text = (HEAD.replace('name: "t"', 'name: "t" force_backward: true') + conv("c1", "x", "a")
+            + 'layer { name: "r" type: "ReLU" bottom: "a" top: "a" }')
+    net = caffe.Net._wrap(build(text))
+    net.blobs["x"].data[...] = np.random.RandomState(1).randn(2, 3, 5, 5)
+    net.forward()
+    after_relu = net.blobs["a"].data.copy()
+    assert (after_relu >= 0).all()
+    net.blobs["a"].diff[...] = 1.0
+    net.backward()
+    # the diff Caffe leaves in the shared blob is the ReLU's bottom diff: 1 where the output is > 0
+    np.testing.assert_array_equal(net._net.blob_diff("a").numpy(), (after_relu > 0).astype(np.float32))
+
+
+def test_shared_params_are_one_tensor_and_gradients_add() -> None:
+    spec = 'param { name: "w" } param { name: "b" } '
+    text = HEAD + conv("c1", "x", "a", spec, n=3) + conv("c2", "a", "b", spec, n=3)
+    net = build(text)
+    assert net.layers[net.layer_names().index("c1")].blobs[0] is net.layers[net.layer_names().index("c2")].blobs[0]
+    assert len(net.learnable) == 2
+
+
+def test_shared_param_shape_mismatch_is_an_error() -> None:
+    spec = 'param { name: "w" } '
+    with pytest.raises(NetError, match="shares 'w'"):
+        build(HEAD + conv("c1", "x", "a", spec, n=4) + conv("c2", "a", "b", spec, n=3))
+
+
+def test_lr_mult_zero_freezes_and_loss_weight_scales() -> None:
+    text = (HEAD + conv("c1", "x", "a", "param { lr_mult: 0 } param { lr_mult: 0 }") + conv("c2", "a", "b")
+            + 'input: "label" input_shape { dim: 2 dim: 1 dim: 5 dim: 5 } '
+            + 'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "b" bottom: "label" top: "loss" loss_weight: 3 }')
+    net = build(text)
+    frozen = [e for e in net.learnable if e.owner.startswith("c1/")]
+    assert all(not e.tensor.requires_grad for e in frozen)
+    loss = net.forward({"x": torch.randn(2, 3, 5, 5), "label": torch.zeros(2, 1, 5, 5)})
+    np.testing.assert_allclose(float(loss.detach()), 3 * float(net.blob_data["loss"].detach()), rtol=1e-6)
+
+
+def test_propagate_down_false_blocks_the_gradient() -> None:
+    text = (HEAD.replace('name: "t"', 'name: "t" force_backward: true') + conv("c1", "x", "a", n=3)
+            + 'layer { name: "s" type: "Eltwise" bottom: "a" bottom: "x" top: "s" '
+              'propagate_down: true propagate_down: false }')
+    net = caffe.Net._wrap(build(text))
+    net.forward()
+    net.blobs["s"].diff[...] = 1.0
+    net.backward()
+    assert np.abs(net.blobs["x_input_0_split_1"].diff).max() == 0
+    assert np.abs(net.blobs["a"].diff).max() > 0
+
+
+BAD_NETS = {
+    "unknown type": (HEAD + 'layer { name: "c" type: "Convolutoin" bottom: "x" top: "y" }', "did you mean Convolution"),
+    "missing bottom": (HEAD + conv("c", "nothere", "y"), "unknown bottom blob 'nothere'"),
+    "consumed twice after in-place": (
+        HEAD + conv("c", "x", "y") + conv("d", "y", "y2") + 'layer { name: "r" type: "ReLU" bottom: "y2" top: "y" }',
+        "produced by multiple sources"),
+    "propagate_down count": (
+        HEAD + 'layer { name: "r" type: "ReLU" bottom: "x" top: "y" propagate_down: true propagate_down: false }',
+        "propagate_down"),
+    "too many param specs": (HEAD + conv("c", "x", "y", "param {} param {} param {}"), "3 param specs"),
+    "shape mismatch": (HEAD + conv("c", "x", "y") + 'input: "z" input_shape { dim: 2 dim: 3 dim: 4 dim: 4 } '
+                       'layer { name: "e" type: "Eltwise" bottom: "y" bottom: "z" top: "e" }', "layer 'e'"),
+    "input_dim count": ('name: "t" input: "x" input_dim: 1 input_dim: 3', "input_dim"),
+    "loss_weight count": (HEAD + 'layer { name: "r" type: "ReLU" bottom: "x" top: "y" loss_weight: 1 loss_weight: 2 }',
+                          "loss_weight"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_NETS))
+def test_bad_nets_give_clear_errors(case: str) -> None:
+    text, expected = BAD_NETS[case]
+    with pytest.raises(NetError) as info:
+        build(text)
+    assert expected in str(info.value)
+    assert "test.prototxt" in str(info.value)
