@@ -4,6 +4,13 @@
 
 #include <cstdint>
 
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vector types inside the kernels only
+#endif
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
+
 #define RLOSS_KNS rloss_kernels_base
 #include "kernels_impl.h"
 #undef RLOSS_KNS
@@ -13,7 +20,9 @@
 #pragma GCC push_options
 #pragma GCC target("avx2")
 #define RLOSS_KNS rloss_kernels_avx2
+#define RLOSS_KERNELS_AVX2 1
 #include "kernels_impl.h"
+#undef RLOSS_KERNELS_AVX2
 #undef RLOSS_KNS
 #pragma GCC pop_options
 #endif

@@ -16,16 +16,17 @@ using EmbedFn = int32_t (*)(int d, const float* scale, const float* f, int32_t* 
                             float* bary);
 
 struct KernelSet {
-  // values -> X (N x kp, pixel-major, padding lanes 0), times mask; false when a value is NaN/Inf.
-  bool (*stage)(const float* in, bool planar, int64_t n, int k, int kp, const float* mask, float* X,
-                int64_t p0, int64_t p1) = nullptr;
-  // V[slot] += w * X[p] for points [p0, p1) in point order; only slots in [lo, hi) when pix_lo is given
-  // (points whose vertex slots all lie outside are skipped via pix_lo/pix_hi).
-  void (*splat)(const int32_t* offset, const float* bary, int dp1, const float* X, float* V, int64_t p0,
-                int64_t p1, int32_t lo, int32_t hi, const int32_t* pix_lo, const int32_t* pix_hi, int kp) = nullptr;
+  // Splat of points [p0, p1) in point order: V[slot] += w * x[p], x[p] = values of point p (read from
+  // `in`, planar (K, N) or pixel-major (N, K), times mask[p] when given). restrict_range: only slots in
+  // [lo, hi) are written (the calling thread's share; blocks without such slots are skipped).
+  // scratch: 8 * kp floats. Returns false when a value read is NaN or infinite.
+  bool (*splat)(const float* in, bool planar, int64_t n, int k, const float* mask, const int32_t* offset,
+                const float* bary, int dp1, float* V, int64_t p0, int64_t p1, bool restrict_range, int32_t lo,
+                int32_t hi, float* scratch, int kp) = nullptr;
   void (*blur)(const float* Vin, float* Vout, const int32_t* nb, int32_t m0, int32_t m1, int kp) = nullptr;
   void (*slice)(const int32_t* offset, const float* bary, int dp1, const float* V, float alpha, int64_t n,
-                int k, int kp, bool planar, const float* mask, float* out, int64_t p0, int64_t p1) = nullptr;
+                int k, int kp, bool planar, const float* mask, float* out, int64_t p0, int64_t p1,
+                float* scratch /* 8 * kp floats */) = nullptr;
 };
 
 // Channel stride used inside the lattice: K itself for K <= 4, else K rounded up to a multiple of 8

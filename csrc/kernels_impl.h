@@ -1,7 +1,8 @@
 // Hot loops of the lattice. This file is included twice by kernels.cpp, each time inside a different
-// namespace (RLOSS_KNS): once for the default target and once compiled for AVX2, and the faster one
-// is picked at run time. Only raw pointers here (no STL), so that no inline library code is ever
-// compiled for a wider instruction set than the caller's.
+// namespace (RLOSS_KNS): once for the default target and once compiled for AVX2 (RLOSS_KERNELS_AVX2
+// defined: 8x8 register transposes with intrinsics), and the faster one is picked at run time. Only
+// raw pointers here (no STL), so that no inline library code is ever compiled for a wider instruction
+// set than the caller's. Eight-lane float math uses GCC/Clang vector extensions.
 //
 // Floating point: FMA contraction is never enabled, and every output element sees exactly the same
 // sequence of float operations as the original's scalar formulation:
@@ -13,7 +14,17 @@
 
 namespace RLOSS_KNS {
 
-constexpr int kTile = 16;  // points per staging / slice tile
+typedef float vf8 __attribute__((vector_size(32), aligned(4), may_alias));
+typedef int32_t vi8 __attribute__((vector_size(32), aligned(4), may_alias));
+
+static inline vf8 ld(const float* p) { return *reinterpret_cast<const vf8*>(p); }
+static inline void st(float* p, vf8 v) { *reinterpret_cast<vf8*>(p) = v; }
+static inline vi8 ldi(const int32_t* p) { return *reinterpret_cast<const vi8*>(p); }
+static inline void sti(int32_t* p, vi8 v) { *reinterpret_cast<vi8*>(p) = v; }
+static inline vf8 bc(float x) { return vf8{x, x, x, x, x, x, x, x}; }
+static inline vi8 bci(int32_t x) { return vi8{x, x, x, x, x, x, x, x}; }
+
+static_assert(rloss::kEmbedLanes == 8, "the embedding kernel works on 8 lanes");
 
 // |elevated coordinate| limit. Below 2^22 the float "magic number" rounding below is exact
 // half-to-even; far beyond anything the sigmas in use produce (the original's int16 keys alias
@@ -21,207 +32,191 @@ constexpr int kTile = 16;  // points per staging / slice tile
 constexpr float kCoordLimit = 4194304.f;
 constexpr float kRoundMagic = 12582912.f;  // 1.5 * 2^23
 
-template <int L>
+// Spec 7.3 "Embedding" for 8 points: f [d][8] -> rem0, rank, bary [(d+1)][8].
 static int32_t embed_block(int d, const float* scale, const float* f, int32_t* rem0, int32_t* rank,
                            float* bary) {
-  float E[(rloss::kMaxDim + 1) * L];
-  float R[(rloss::kMaxDim + 1) * L];  // rem0 as float, like the original
-  float U[(rloss::kMaxDim + 1) * L];
-  float sm[L];
-  int32_t sum[L], ok[L], mx[L];
-  for (int l = 0; l < L; ++l) {
-    sm[l] = 0.f;
-    sum[l] = 0;
-    ok[l] = 1;
-    mx[l] = 0;
-  }
+  vf8 E[rloss::kMaxDim + 1], R[rloss::kMaxDim + 1], U[rloss::kMaxDim + 1];
+  vi8 rk[rloss::kMaxDim + 1];
   // Elevate: sum-zero coordinates, j = d .. 1, then E[0].
+  vf8 sm = bc(0.f);
   for (int j = d; j > 0; --j) {
-    const float sc = scale[j - 1];
-    const float jf = static_cast<float>(j);
-    const float* fj = f + (j - 1) * L;
-    float* Ej = E + j * L;
-    for (int l = 0; l < L; ++l) {
-      const float cf = fj[l] * sc;
-      Ej[l] = sm[l] - jf * cf;
-      sm[l] += cf;
-    }
+    const vf8 cf = ld(f + (j - 1) * 8) * bc(scale[j - 1]);
+    E[j] = sm - bc(static_cast<float>(j)) * cf;
+    sm += cf;
   }
-  for (int l = 0; l < L; ++l) E[l] = sm[l];
+  E[0] = sm;
   // Nearest remainder-0 point: round half to even of E / (d+1).
-  const float dp1f = static_cast<float>(d + 1);
+  const vf8 dp1f = bc(static_cast<float>(d + 1));
+  const vf8 magic = bc(kRoundMagic);
+  vi8 ok = bci(-1), sum = bci(0);
   for (int i = 0; i <= d; ++i) {
-    float* Ei = E + i * L;
-    float* Ri = R + i * L;
-    for (int l = 0; l < L; ++l) {
-      const float e = Ei[l];
-      const int32_t good = (e <= kCoordLimit) & (e >= -kCoordLimit);  // false for NaN
-      ok[l] &= good;
-      const float v = (good ? e : 0.f) / dp1f;
-      const float r = (v + kRoundMagic) - kRoundMagic;
-      Ri[l] = r * dp1f;
-      sum[l] += static_cast<int32_t>(r);
-    }
+    const vi8 good = (E[i] <= bc(kCoordLimit)) & (E[i] >= bc(-kCoordLimit));  // false for NaN
+    ok &= good;
+    const vf8 e = good ? E[i] : bc(0.f);
+    E[i] = e;
+    const vf8 r = ((e / dp1f) + magic) - magic;
+    R[i] = r * dp1f;
+    sum += __builtin_convertvector(r, vi8);
   }
   // Rank by comparing the remainders (ties count for the later coordinate).
-  for (int i = 0; i <= d; ++i)
-    for (int l = 0; l < L; ++l) rank[i * L + l] = 0;
-  for (int i = 0; i <= d; ++i)
-    for (int l = 0; l < L; ++l) U[i * L + l] = E[i * L + l] - R[i * L + l];
-  for (int i = 0; i < d; ++i) {
-    const float* Di = U + i * L;
-    int32_t* ri = rank + i * L;
-    for (int j = i + 1; j <= d; ++j) {
-      const float* Dj = U + j * L;
-      int32_t* rj = rank + j * L;
-      for (int l = 0; l < L; ++l) {
-        const int32_t c = Di[l] < Dj[l];
-        ri[l] += c;
-        rj[l] += 1 - c;
-      }
-    }
-  }
-  // Bring the point back onto the plane (sum fix).
-  const int32_t dp1 = d + 1;
   for (int i = 0; i <= d; ++i) {
-    int32_t* ri = rank + i * L;
-    float* Ri = R + i * L;
-    int32_t* qi = rem0 + i * L;
-    for (int l = 0; l < L; ++l) {
-      const int32_t rk = ri[l] + sum[l];
-      const int32_t shift = (rk < 0 ? dp1 : 0) - (rk > d ? dp1 : 0);
-      ri[l] = rk + shift;
-      const float rf = Ri[l] + static_cast<float>(shift);
-      Ri[l] = rf;
-      const int32_t q = static_cast<int32_t>(rf);
-      qi[l] = q;
-      const int32_t aq = q < 0 ? -q : q;
-      mx[l] = mx[l] > aq ? mx[l] : aq;
+    rk[i] = bci(0);
+    U[i] = E[i] - R[i];
+  }
+  for (int i = 0; i < d; ++i)
+    for (int j = i + 1; j <= d; ++j) {
+      const vi8 c = U[i] < U[j];  // -1 where true
+      rk[i] -= c;
+      rk[j] += bci(1) + c;
     }
+  // Bring the point back onto the plane (sum fix).
+  const vi8 dp1 = bci(d + 1);
+  vi8 mx = bci(0);
+  for (int i = 0; i <= d; ++i) {
+    const vi8 r = rk[i] + sum;
+    const vi8 shift = ((r < bci(0)) & dp1) - ((r > bci(d)) & dp1);
+    rk[i] = r + shift;
+    R[i] += __builtin_convertvector(shift, vf8);
+    const vi8 q = __builtin_convertvector(R[i], vi8);
+    sti(rem0 + i * 8, q);
+    sti(rank + i * 8, rk[i]);
+    const vi8 aq = q < bci(0) ? -q : q;
+    mx = aq > mx ? aq : mx;
   }
   // Barycentric weights. With v_i = (E_i - rem0_i)/(d+1) and u[q] = v of the coordinate of rank q
   // (ranks are a permutation of 0..d), the original's scatter b[d-rank]+=v, b[d-rank+1]-=v,
   // b[0] += 1 + b[d+1] yields exactly b[s] = u[d-s] - u[d-s+1] (s = 1..d), b[0] = u[d] + (1 - u[0]).
-  for (int i = 0; i <= d; ++i) {
-    float* Ui = U + i * L;  // reuse U for v
-    const float* Ei = E + i * L;
-    const float* Ri = R + i * L;
-    for (int l = 0; l < L; ++l) Ui[l] = (Ei[l] - Ri[l]) / dp1f;
-  }
-  float* uq = E;  // E no longer needed: u[q] goes here
+  for (int i = 0; i <= d; ++i) U[i] = (E[i] - R[i]) / dp1f;
+  vf8* u = E;  // E is no longer needed
   for (int q = 0; q <= d; ++q) {
-    float* uqq = uq + q * L;
-    for (int l = 0; l < L; ++l) uqq[l] = 0.f;
-    for (int i = 0; i <= d; ++i) {
-      const int32_t* ri = rank + i * L;
-      const float* vi = U + i * L;
-      for (int l = 0; l < L; ++l) uqq[l] = ri[l] == q ? vi[l] : uqq[l];
-    }
+    vf8 a = bc(0.f);
+    for (int i = 0; i <= d; ++i) a = rk[i] == bci(q) ? U[i] : a;
+    u[q] = a;
   }
-  for (int s = 1; s <= d; ++s) {
-    const float* a = uq + (d - s) * L;
-    const float* b = uq + (d - s + 1) * L;
-    float* o = bary + s * L;
-    for (int l = 0; l < L; ++l) o[l] = a[l] - b[l];
-  }
-  {
-    const float* ud = uq + d * L;
-    const float* u0 = uq;
-    for (int l = 0; l < L; ++l) bary[l] = ud[l] + (1.f + (-u0[l]));
-  }
-  int32_t all_ok = 1, m = 0;
-  for (int l = 0; l < L; ++l) {
+  for (int s = 1; s <= d; ++s) st(bary + s * 8, u[d - s] - u[d - s + 1]);
+  st(bary, u[d] + (bc(1.f) + (-u[0])));
+  int32_t all_ok = -1, m = 0;
+  for (int l = 0; l < 8; ++l) {
     all_ok &= ok[l];
     m = m > mx[l] ? m : mx[l];
   }
   return all_ok ? m : -1;
 }
 
-// Copies values into the pixel-major staging buffer X (N x kp, padding lanes zeroed), multiplying by
-// mask when given. Returns false when a value is NaN or infinite.
+#ifdef RLOSS_KERNELS_AVX2
+// In-register transpose of 8 rows of 8 floats.
+static inline void transpose8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r4, __m256& r5,
+                              __m256& r6, __m256& r7) {
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+  const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r0 = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r1 = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r2 = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r3 = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r4 = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r5 = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r6 = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r7 = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+#endif
+
+// v[0..kp) += w * x[0..kp)
 template <int KP>
-static bool stage_range(const float* in, bool planar, int64_t n, int k, int kp_rt, const float* mask,
-                        float* X, int64_t p0, int64_t p1) {
-  const int kp = KP > 0 ? KP : kp_rt;
-  float probe[kTile];
-  for (int l = 0; l < kTile; ++l) probe[l] = 0.f;
-  if (planar) {
-    for (int64_t b0 = p0; b0 < p1; b0 += kTile) {
-      const int nb = b0 + kTile <= p1 ? kTile : static_cast<int>(p1 - b0);
-      float mk[kTile];
-      for (int l = 0; l < nb; ++l) mk[l] = mask ? mask[b0 + l] : 1.f;
-      float* xb = X + b0 * kp;
-      if (nb == kTile) {
-        for (int c = 0; c < k; ++c) {
-          const float* src = in + static_cast<int64_t>(c) * n + b0;
-          float t[kTile];
-          for (int l = 0; l < kTile; ++l) {
-            probe[l] += src[l] * 0.f;
-            t[l] = mask ? src[l] * mk[l] : src[l];
-          }
-          for (int l = 0; l < kTile; ++l) xb[l * kp + c] = t[l];
-        }
-      } else {
-        for (int c = 0; c < k; ++c) {
-          const float* src = in + static_cast<int64_t>(c) * n + b0;
-          for (int l = 0; l < nb; ++l) {
-            probe[l] += src[l] * 0.f;
-            xb[l * kp + c] = mask ? src[l] * mk[l] : src[l];
-          }
-        }
-      }
-      for (int l = 0; l < nb; ++l)
-        for (int c = k; c < kp; ++c) xb[l * kp + c] = 0.f;
-    }
+static inline void axpy(float* __restrict v, float w, const float* __restrict x, int kp_rt) {
+  if constexpr (KP > 0 && KP % 8 == 0) {
+    const vf8 wv = bc(w);
+    for (int q = 0; q < KP; q += 8) st(v + q, ld(v + q) + wv * ld(x + q));
   } else {
-    for (int64_t p = p0; p < p1; ++p) {
-      const float* src = in + p * k;
-      float* dst = X + p * kp;
-      const float m = mask ? mask[p] : 1.f;
-      for (int c = 0; c < k; ++c) {
-        probe[c % kTile] += src[c] * 0.f;
-        dst[c] = mask ? src[c] * m : src[c];
-      }
-      for (int c = k; c < kp; ++c) dst[c] = 0.f;
-    }
+    const int kp = KP > 0 ? KP : kp_rt;
+    for (int c = 0; c < kp; ++c) v[c] += w * x[c];
   }
-  float all = 0.f;
-  for (int l = 0; l < kTile; ++l) all += probe[l];
-  return all == 0.f;
+}
+
+// Loads the values of points [p, p + nb) (nb <= 8) into xs[8][kp] (padding lanes 0), times mask.
+// probe accumulates x * 0 (NaN exactly when some x is NaN or infinite).
+template <int KP>
+static inline void load_block(const float* in, bool planar, int64_t n, int k, int kp, const float* mask,
+                              int64_t p, int nb, float* __restrict xs, float& probe) {
+#ifdef RLOSS_KERNELS_AVX2
+  if (planar && nb == 8 && kp % 8 == 0) {
+    const __m256 zero = _mm256_setzero_ps();
+    const __m256 mk = mask ? _mm256_loadu_ps(mask + p) : _mm256_set1_ps(1.f);
+    __m256 pr = zero;
+    for (int c = 0; c < kp; c += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) {
+        if (c + i < k) {
+          const __m256 v = _mm256_loadu_ps(in + static_cast<int64_t>(c + i) * n + p);
+          pr = _mm256_add_ps(pr, _mm256_mul_ps(v, zero));
+          r[i] = mask ? _mm256_mul_ps(v, mk) : v;
+        } else {
+          r[i] = zero;
+        }
+      }
+      transpose8(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(xs + i * kp + c, r[i]);
+    }
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, pr);
+    probe += ((tmp[0] + tmp[1]) + (tmp[2] + tmp[3])) + ((tmp[4] + tmp[5]) + (tmp[6] + tmp[7]));
+    return;
+  }
+#endif
+  for (int l = 0; l < nb; ++l) {
+    const float m = mask ? mask[p + l] : 1.f;
+    float* x = xs + l * kp;
+    if (planar) {
+      for (int c = 0; c < k; ++c) {
+        const float v = in[static_cast<int64_t>(c) * n + p + l];
+        probe += v * 0.f;
+        x[c] = mask ? v * m : v;
+      }
+    } else {
+      const float* src = in + (p + l) * k;
+      for (int c = 0; c < k; ++c) {
+        probe += src[c] * 0.f;
+        x[c] = mask ? src[c] * m : src[c];
+      }
+    }
+    for (int c = k; c < kp; ++c) x[c] = 0.f;
+  }
 }
 
 // Scatter splat in point order (so each lattice point sums its contributions in the original's order).
 template <int KP>
-static void splat_range(const int32_t* __restrict offset, const float* __restrict bary, int dp1,
-                        const float* __restrict X, float* __restrict V, int64_t p0, int64_t p1, int32_t lo,
-                        int32_t hi, const int32_t* pix_lo, const int32_t* pix_hi, int kp_rt) {
+static bool splat_range(const float* in, bool planar, int64_t n, int k, const float* mask,
+                        const int32_t* __restrict offset, const float* __restrict bary, int dp1,
+                        float* __restrict V, int64_t p0, int64_t p1, bool restrict_range, int32_t lo, int32_t hi,
+                        float* __restrict xs, int kp_rt) {
   const int kp = KP > 0 ? KP : kp_rt;
-  if (!pix_lo) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const float* x = X + p * kp;
-      const int32_t* o = offset + p * dp1;
-      const float* w = bary + p * dp1;
-      for (int r = 0; r < dp1; ++r) {
-        float* v = V + static_cast<int64_t>(o[r]) * kp;
-        const float wr = w[r];
-        for (int c = 0; c < kp; ++c) v[c] += wr * x[c];
-      }
-    }
-    return;
-  }
-  for (int64_t p = p0; p < p1; ++p) {
-    if (pix_hi[p] < lo || pix_lo[p] >= hi) continue;
-    const float* x = X + p * kp;
+  float probe = 0.f;
+  for (int64_t p = p0; p < p1; p += 8) {
+    const int nb = p + 8 <= p1 ? 8 : static_cast<int>(p1 - p);
     const int32_t* o = offset + p * dp1;
     const float* w = bary + p * dp1;
-    for (int r = 0; r < dp1; ++r) {
-      const int32_t s = o[r];
-      if (s < lo || s >= hi) continue;
-      float* v = V + static_cast<int64_t>(s) * kp;
-      const float wr = w[r];
-      for (int c = 0; c < kp; ++c) v[c] += wr * x[c];
+    const int cnt = nb * dp1;
+    if (restrict_range) {
+      int any = 0;
+      for (int i = 0; i < cnt; ++i) any |= (o[i] >= lo) & (o[i] < hi);
+      if (!any) continue;
+    }
+    load_block<KP>(in, planar, n, k, kp, mask, p, nb, xs, probe);
+    for (int l = 0; l < nb; ++l) {
+      const float* x = xs + l * kp;
+      for (int r = 0; r < dp1; ++r) {
+        const int32_t sl = o[l * dp1 + r];
+        if (!restrict_range || (sl >= lo && sl < hi))
+          axpy<KP>(V + static_cast<int64_t>(sl) * kp, w[l * dp1 + r], x, kp);
+      }
     }
   }
+  return probe == 0.f;
 }
 
 // One blur axis for lattice points [m0, m1): out = in + 0.5 * (in[n1] + in[n2]).
@@ -234,79 +229,78 @@ static void blur_range(const float* __restrict Vin, float* __restrict Vout, cons
     const float* a = Vin + static_cast<int64_t>(nb[2 * static_cast<int64_t>(m)]) * kp;
     const float* b = Vin + static_cast<int64_t>(nb[2 * static_cast<int64_t>(m) + 1]) * kp;
     float* o = Vout + (static_cast<int64_t>(m) + 1) * kp;
-    for (int c = 0; c < kp; ++c) o[c] = c0[c] + 0.5f * (a[c] + b[c]);
+    if constexpr (KP > 0 && KP % 8 == 0) {
+      const vf8 half = bc(0.5f);
+      for (int q = 0; q < KP; q += 8) st(o + q, ld(c0 + q) + half * (ld(a + q) + ld(b + q)));
+    } else {
+      for (int c = 0; c < kp; ++c) o[c] = c0[c] + 0.5f * (a[c] + b[c]);
+    }
+  }
+}
+
+// acc[0..kp) = sum_r (w_r * alpha) * V[o_r][0..kp), r = 0..d in order.
+template <int KP>
+static inline void gather_point(const int32_t* o, const float* w, int dp1, const float* V, float alpha,
+                                float* __restrict acc, int kp_rt) {
+  if constexpr (KP > 0 && KP % 8 == 0) {
+    vf8 a[KP / 8];
+    for (int q = 0; q < KP / 8; ++q) a[q] = bc(0.f);
+    for (int r = 0; r < dp1; ++r) {
+      const vf8 wr = bc(w[r] * alpha);
+      const float* v = V + static_cast<int64_t>(o[r]) * KP;
+      for (int q = 0; q < KP / 8; ++q) a[q] += wr * ld(v + 8 * q);
+    }
+    for (int q = 0; q < KP / 8; ++q) st(acc + 8 * q, a[q]);
+  } else {
+    const int kp = KP > 0 ? KP : kp_rt;
+    for (int c = 0; c < kp; ++c) acc[c] = 0.f;
+    for (int r = 0; r < dp1; ++r) {
+      const float wr = w[r] * alpha;
+      const float* v = V + static_cast<int64_t>(o[r]) * kp;
+      for (int c = 0; c < kp; ++c) acc[c] += wr * v[c];
+    }
   }
 }
 
 // Slice points [p0, p1): y[p] = sum_r (b_r * alpha) * V[offset_r]; written pixel-major (N x k) or
-// planar (k x N), optionally times mask[p].
+// planar (k x N), optionally times mask[p]. acc is scratch of 8 * kp floats.
 template <int KP>
 static void slice_range(const int32_t* __restrict offset, const float* __restrict bary, int dp1,
                         const float* __restrict V, float alpha, int64_t n, int k, int kp_rt, bool planar,
-                        const float* mask, float* __restrict out, int64_t p0, int64_t p1) {
-  constexpr int kChunk = KP > 0 ? KP : 64;
+                        const float* mask, float* __restrict out, int64_t p0, int64_t p1, float* acc) {
   const int kp = KP > 0 ? KP : kp_rt;
-  float tile[kTile][kChunk];
-  for (int64_t b0 = p0; b0 < p1; b0 += kTile) {
-    const int nb = b0 + kTile <= p1 ? kTile : static_cast<int>(p1 - b0);
-    for (int c0 = 0; c0 < kp; c0 += kChunk) {
-      const int cw = kp - c0 < kChunk ? kp - c0 : kChunk;  // == KP when templated
-      for (int l = 0; l < nb; ++l) {
-        const int64_t p = b0 + l;
-        float* acc = tile[l];
-        const int32_t* o = offset + p * dp1;
-        const float* w = bary + p * dp1;
-        if constexpr (KP > 0) {
-          float a[KP];
-          for (int c = 0; c < KP; ++c) a[c] = 0.f;
-          for (int r = 0; r < dp1; ++r) {
-            const float wr = w[r] * alpha;
-            const float* v = V + static_cast<int64_t>(o[r]) * KP;
-            for (int c = 0; c < KP; ++c) a[c] += wr * v[c];
-          }
-          for (int c = 0; c < KP; ++c) acc[c] = a[c];
-        } else {
-          for (int c = 0; c < cw; ++c) acc[c] = 0.f;
-          for (int r = 0; r < dp1; ++r) {
-            const float wr = w[r] * alpha;
-            const float* v = V + static_cast<int64_t>(o[r]) * kp + c0;
-            for (int c = 0; c < cw; ++c) acc[c] += wr * v[c];
-          }
-        }
+  int64_t p = p0;
+#ifdef RLOSS_KERNELS_AVX2
+  if (planar && kp % 8 == 0) {
+    for (; p + 8 <= p1; p += 8) {
+      for (int i = 0; i < 8; ++i)
+        gather_point<KP>(offset + (p + i) * dp1, bary + (p + i) * dp1, dp1, V, alpha, acc + i * kp, kp);
+      const __m256 mk = mask ? _mm256_loadu_ps(mask + p) : _mm256_set1_ps(1.f);
+      for (int c = 0; c < k; c += 8) {
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(acc + i * kp + c);
+        transpose8(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
+        const int ce = c + 8 < k ? 8 : k - c;
+        for (int i = 0; i < ce; ++i)
+          _mm256_storeu_ps(out + static_cast<int64_t>(c + i) * n + p, mask ? _mm256_mul_ps(r[i], mk) : r[i]);
       }
-      const int cend = c0 + cw < k ? c0 + cw : k;
-      if (planar) {
-        if (nb == kTile) {
-          for (int c = c0; c < cend; ++c) {
-            float* dst = out + static_cast<int64_t>(c) * n + b0;
-            float t[kTile];
-            for (int l = 0; l < kTile; ++l) t[l] = tile[l][c - c0];
-            if (mask) {
-              for (int l = 0; l < kTile; ++l) dst[l] = t[l] * mask[b0 + l];
-            } else {
-              for (int l = 0; l < kTile; ++l) dst[l] = t[l];
-            }
-          }
-        } else {
-          for (int c = c0; c < cend; ++c) {
-            float* dst = out + static_cast<int64_t>(c) * n + b0;
-            for (int l = 0; l < nb; ++l) dst[l] = mask ? tile[l][c - c0] * mask[b0 + l] : tile[l][c - c0];
-          }
-        }
-      } else {
-        for (int l = 0; l < nb; ++l) {
-          float* dst = out + (b0 + l) * k;
-          const float m = mask ? mask[b0 + l] : 1.f;
-          for (int c = c0; c < cend; ++c) dst[c] = mask ? tile[l][c - c0] * m : tile[l][c - c0];
-        }
-      }
+    }
+  }
+#endif
+  for (; p < p1; ++p) {
+    gather_point<KP>(offset + p * dp1, bary + p * dp1, dp1, V, alpha, acc, kp);
+    const float m = mask ? mask[p] : 1.f;
+    if (planar) {
+      for (int c = 0; c < k; ++c) out[static_cast<int64_t>(c) * n + p] = mask ? acc[c] * m : acc[c];
+    } else {
+      float* dst = out + p * k;
+      for (int c = 0; c < k; ++c) dst[c] = mask ? acc[c] * m : acc[c];
     }
   }
 }
 
 template <int KP>
 static void fill_set(rloss::detail::KernelSet& s) {
-  s.stage = &stage_range<KP>;
   s.splat = &splat_range<KP>;
   s.blur = &blur_range<KP>;
   s.slice = &slice_range<KP>;
@@ -333,6 +327,6 @@ static rloss::detail::KernelSet kernel_set(int kp) {
   return s;
 }
 
-static rloss::detail::EmbedFn embed_fn() { return &embed_block<rloss::kEmbedLanes>; }
+static rloss::detail::EmbedFn embed_fn() { return &embed_block; }
 
 }  // namespace RLOSS_KNS

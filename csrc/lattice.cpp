@@ -95,8 +95,7 @@ Timers& timers() {
 }
 
 const char* timer_name(int id) {
-  static const char* names[kNumTimers] = {"embed+hash", "merge", "index", "neighbours",
-                                          "stage",      "splat", "blur",  "slice"};
+  static const char* names[kNumTimers] = {"embed+hash", "merge", "slots+neighbours", "splat", "blur", "slice"};
   return (id >= 0 && id < kNumTimers) ? names[id] : "?";
 }
 
@@ -154,6 +153,7 @@ void KeyTable::reset(int key_len, std::size_t expected) {
   slots_.assign(cap, Slot{0, -1});
   keys_.clear();
   hashes_.clear();
+  uses_.clear();
   keys_.reserve(expected * key_len);
   hashes_.reserve(expected);
 }
@@ -208,13 +208,14 @@ int32_t KeyTable::find(const int32_t* key, uint64_t h) const {
 
 std::size_t KeyTable::memory_bytes() const {
   return slots_.capacity() * sizeof(Slot) + keys_.capacity() * sizeof(int32_t) +
-         hashes_.capacity() * sizeof(uint64_t);
+         hashes_.capacity() * sizeof(uint64_t) + uses_.capacity() * sizeof(int32_t);
 }
 
 void KeyTable::release() {
   std::vector<Slot>().swap(slots_);
   std::vector<int32_t>().swap(keys_);
   std::vector<uint64_t>().swap(hashes_);
+  std::vector<int32_t>().swap(uses_);
   count_ = 0;
 }
 
@@ -233,8 +234,8 @@ void PackedTable::reset(std::size_t expected) {
   while ((std::size_t{1} << bits) < cap) ++bits;
   shift_ = 64 - bits;
   slots_.assign(cap, Slot{0, -1, 0});
-  keys_.clear();
-  keys_.reserve(expected);
+  keys_.resize(expected);
+  uses_.resize(expected);
 }
 
 void PackedTable::grow() {
@@ -251,20 +252,57 @@ void PackedTable::grow() {
 }
 
 int32_t PackedTable::find_or_insert(uint64_t key) {
-  if (2 * static_cast<std::size_t>(count_) + 2 >= slots_.size()) grow();
-  const std::size_t mask = slots_.size() - 1;
-  std::size_t s = static_cast<std::size_t>((key * kHashMul) >> shift_);
-  for (;;) {
-    const uint64_t k = slots_[s].key;
-    if (k == key) return slots_[s].index;
-    if (k == 0) break;
-    s = (s + 1) & mask;
-  }
-  if (count_ == INT32_MAX) throw InvalidArgument("lattice: too many lattice points for int32 indices");
-  const int32_t idx = count_++;
-  slots_[s] = Slot{key, idx, 0};
-  keys_.push_back(key);
+  int32_t idx;
+  insert_batch(&key, 1, &idx);
   return idx;
+}
+
+void PackedTable::insert_batch(const uint64_t* keys, int count, int32_t* out) {
+  while (2 * (static_cast<std::size_t>(count_) + count) + 2 >= slots_.size()) grow();
+  if (keys_.size() < static_cast<std::size_t>(count_) + count) {
+    const std::size_t want = std::max<std::size_t>(2 * keys_.size(), static_cast<std::size_t>(count_) + count);
+    if (want > static_cast<std::size_t>(INT32_MAX)) throw InvalidArgument("lattice: too many lattice points");
+    keys_.resize(want);
+    uses_.resize(want);
+  }
+  Slot* const slots = slots_.data();
+  uint64_t* const kstore = keys_.data();
+  int32_t* const uses = uses_.data();
+  const std::size_t mask = slots_.size() - 1;
+  const int sh = shift_;
+  std::size_t home[64];
+  int32_t n = count_;
+  for (int b0 = 0; b0 < count; b0 += 64) {
+    const int b1 = std::min(count, b0 + 64);
+    for (int i = b0; i < b1; ++i) {
+      home[i - b0] = static_cast<std::size_t>((keys[i] * kHashMul) >> sh);
+      __builtin_prefetch(slots + home[i - b0]);
+    }
+    for (int i = b0; i < b1; ++i) {
+      const uint64_t key = keys[i];
+      std::size_t s = home[i - b0];
+      int32_t idx;
+      for (;;) {
+        const uint64_t k = slots[s].key;
+        if (k == key) {
+          idx = slots[s].index;
+          ++uses[idx];
+          break;
+        }
+        if (k == 0) {
+          idx = n++;
+          slots[s].key = key;
+          slots[s].index = idx;
+          kstore[idx] = key;
+          uses[idx] = 1;
+          break;
+        }
+        s = (s + 1) & mask;
+      }
+      out[i] = idx;
+    }
+  }
+  count_ = n;
 }
 
 int32_t PackedTable::find(uint64_t key) const {
@@ -279,12 +317,13 @@ int32_t PackedTable::find(uint64_t key) const {
 }
 
 std::size_t PackedTable::memory_bytes() const {
-  return slots_.capacity() * sizeof(Slot) + keys_.capacity() * sizeof(uint64_t);
+  return slots_.capacity() * sizeof(Slot) + keys_.capacity() * sizeof(uint64_t) + uses_.capacity() * sizeof(int32_t);
 }
 
 void PackedTable::release() {
   std::vector<Slot>().swap(slots_);
   std::vector<uint64_t>().swap(keys_);
+  std::vector<int32_t>().swap(uses_);
   count_ = 0;
 }
 
@@ -315,19 +354,26 @@ struct PackedKeys {
   uint64_t field(int i, uint64_t v) const { return v << (bits * i); }
 
   // Vertex r has coordinates rem0_i + r - (d+1)[rank_i > d-r]; going from r to r+1 adds 1 to every
-  // coordinate and subtracts d+1 from the one whose rank is d-r.
-  void insert(Table& tab, const int32_t* rem0, const int32_t* rank, int l, int32_t* out) const {
-    uint64_t key = 0;
-    int inv[kMaxDim + 1];
-    for (int i = 0; i < d; ++i) key |= field(i, static_cast<uint64_t>(rem0[i * L + l] + bias));
-    for (int i = 0; i <= d; ++i) inv[rank[i * L + l]] = i;
-    out[0] = tab.find_or_insert(key);
-    for (int r = 0; r < d; ++r) {
-      const int i = inv[d - r];
-      key += ones;
-      if (i < d) key -= field(i, static_cast<uint64_t>(d + 1));
-      out[r + 1] = tab.find_or_insert(key);
+  // coordinate and subtracts d+1 from the one whose rank is d-r. Inserts the vertices of the nb points
+  // of a block (point order, then r), writing local indices to out and counting uses per index.
+  void insert_block(Table& tab, const int32_t* rem0, const int32_t* rank, int nb, int32_t* out) const {
+    uint64_t kb[L * (kMaxDim + 1)];
+    const int dp1 = d + 1;
+    for (int l = 0; l < nb; ++l) {
+      uint64_t key = 0;
+      int inv[kMaxDim + 1];
+      for (int i = 0; i < d; ++i) key |= field(i, static_cast<uint64_t>(rem0[i * L + l] + bias));
+      for (int i = 0; i <= d; ++i) inv[rank[i * L + l]] = i;
+      uint64_t* kl = kb + l * dp1;
+      kl[0] = key;
+      for (int r = 0; r < d; ++r) {
+        const int i = inv[d - r];
+        key += ones;
+        if (i < d) key -= field(i, static_cast<uint64_t>(d + 1));
+        kl[r + 1] = key;
+      }
     }
+    tab.insert_batch(kb, nb * dp1, out);
   }
   // Neighbour n1 of lattice point m along axis j: k - 1 everywhere, k_j + d at j (j < d).
   int32_t find_n1(const Table& g, int32_t m, int j) const {
@@ -350,12 +396,19 @@ struct GenericKeys {
   explicit GenericKeys(int dim) : d(dim) {}
   void reset(Table& t, std::size_t expected) const { t.reset(d, expected); }
   bool fits(int32_t) const { return true; }
-  void insert(Table& tab, const int32_t* rem0, const int32_t* rank, int l, int32_t* out) const {
+  void insert_block(Table& tab, const int32_t* rem0, const int32_t* rank, int nb, int32_t* out) const {
     int32_t key[kMaxDim];
-    for (int r = 0; r <= d; ++r) {
-      for (int i = 0; i < d; ++i) key[i] = rem0[i * L + l] + (rank[i * L + l] <= d - r ? r : r - (d + 1));
-      out[r] = tab.find_or_insert(key, hash_key(key, d));
-    }
+    std::vector<int32_t>& counts = tab.uses();
+    for (int l = 0; l < nb; ++l)
+      for (int r = 0; r <= d; ++r) {
+        for (int i = 0; i < d; ++i) key[i] = rem0[i * L + l] + (rank[i * L + l] <= d - r ? r : r - (d + 1));
+        const int32_t idx = tab.find_or_insert(key, hash_key(key, d));
+        *out++ = idx;
+        if (idx == static_cast<int32_t>(counts.size()))
+          counts.push_back(1);
+        else
+          ++counts[idx];
+      }
   }
   int32_t find_n1(const Table& g, int32_t m, int j) const {
     int32_t key[kMaxDim];
@@ -478,12 +531,11 @@ bool Lattice::build_with(const FeatureSource& src, int nt, bool sse_pad, Keys& k
   auto t0 = Clock::now();
   bary_.resize(static_cast<std::size_t>(n) * dp1);
   offset_.resize(static_cast<std::size_t>(n) * dp1);
-  pix_lo_.resize(static_cast<std::size_t>(n));
-  pix_hi_.resize(static_cast<std::size_t>(n));
   if (static_cast<int>(tables.size()) < nt) tables.resize(nt);
   if (static_cast<int>(remap_.size()) < nt) remap_.resize(nt);
   chunk_.assign(nt + 1, 0);
-  for (int t = 0; t <= nt; ++t) chunk_[t] = n * t / nt;
+  for (int t = 0; t <= nt; ++t) chunk_[t] = n * t / nt / L * L;  // block-aligned chunks
+  chunk_[nt] = n;
   const BlockFeatures features(src);
 
   // Expected number of lattice points per chunk (the previous build is a good guess).
@@ -493,7 +545,7 @@ bool Lattice::build_with(const FeatureSource& src, int nt, bool sse_pad, Keys& k
   const bool pad = sse_pad && (n % 4) != 0;
 
   // Phase A: embed blocks of points (SIMD) and insert their simplex vertices into a per-chunk table,
-  // numbered in first-insertion order inside the chunk.
+  // numbered in first-insertion order inside the chunk; count the uses of every lattice point.
   std::atomic<bool> bad_feature{false}, out_of_range{false};
   parallel_each(nt, [&](int t) {
     Table& tab = tables[t];
@@ -513,19 +565,17 @@ bool Lattice::build_with(const FeatureSource& src, int nt, bool sse_pad, Keys& k
         out_of_range.store(true);
         return;
       }
-      for (int l = 0; l < nb; ++l) {
-        const int64_t p = p0 + l;
-        float* bp = bary_.data() + p * dp1;
-        for (int r = 0; r < dp1; ++r) bp[r] = b[r * L + l];
-        keys.insert(tab, rem0, rank, l, offset_.data() + p * dp1);
-      }
+      float* bp = bary_.data() + p0 * dp1;
+      for (int l = 0; l < nb; ++l)
+        for (int r = 0; r < dp1; ++r) bp[l * dp1 + r] = b[r * L + l];
+      keys.insert_block(tab, rem0, rank, nb, offset_.data() + p0 * dp1);
     }
     if (pad && t == nt - 1) {
       // The original's padding lanes: vertices of the all-zero feature vector, inserted last.
       for (int i = 0; i < d * L; ++i) f[i] = 0.f;
       embed(d, scale, f, rem0, rank, b);
       int32_t dummy[kMaxDim + 1];
-      keys.insert(tab, rem0, rank, 0, dummy);
+      keys.insert_block(tab, rem0, rank, 1, dummy);  // (use counts only balance the splat)
     }
   });
   if (bad_feature.load())
@@ -535,9 +585,11 @@ bool Lattice::build_with(const FeatureSource& src, int nt, bool sse_pad, Keys& k
   if (out_of_range.load()) return false;
   add_time(kTEmbed, t0);
 
-  // Merge the chunk tables in chunk order: global first-insertion order over all points.
+  // Merge the chunk tables in chunk order: global first-insertion order over all points. Sum the
+  // use counts into prefix sums (they balance the splat between threads).
   t0 = Clock::now();
   Table& g = tables[0];
+  counts_.assign(g.uses().begin(), g.uses().begin() + g.size());
   for (int t = 1; t < nt; ++t) {
     const Table& tab = tables[t];
     std::vector<int32_t>& map = remap_[t];
@@ -546,51 +598,37 @@ bool Lattice::build_with(const FeatureSource& src, int nt, bool sse_pad, Keys& k
   }
   m_ = g.size();
   const int32_t M = m_;
-  neigh_.resize(static_cast<std::size_t>(dp1) * M * 2);
+  counts_.resize(M, 0);
+  for (int t = 1; t < nt; ++t) {
+    const std::vector<int32_t>& ut = tables[t].uses();
+    const std::vector<int32_t>& map = remap_[t];
+    for (std::size_t i = 0; i < map.size(); ++i) counts_[map[i]] += ut[i];
+  }
   cum_.resize(static_cast<std::size_t>(M) + 1);
-  counts_.resize(static_cast<std::size_t>(nt) * M);
-  add_time(kTMerge, t0);
-
-  // Phase B: global slots, per-point slot range, per-chunk vertex counts (for balancing the splat).
-  t0 = Clock::now();
-  parallel_each(nt, [&](int t) {
-    int32_t* cnt = counts_.data() + static_cast<std::size_t>(t) * M;
-    std::fill(cnt, cnt + M, 0);
-    const int32_t* map = t > 0 ? remap_[t].data() : nullptr;
-    for (int64_t p = chunk_[t]; p < chunk_[t + 1]; ++p) {
-      int32_t* op = offset_.data() + p * dp1;
-      int32_t lo = INT32_MAX, hi = -1;
-      for (int r = 0; r < dp1; ++r) {
-        const int32_t gi = map ? map[op[r]] : op[r];
-        op[r] = gi + 1;
-        ++cnt[gi];
-        lo = std::min(lo, gi);
-        hi = std::max(hi, gi);
-      }
-      pix_lo_[p] = lo + 1;
-      pix_hi_[p] = hi + 1;
-    }
-    const int64_t m0 = static_cast<int64_t>(M) * t / nt, m1 = static_cast<int64_t>(M) * (t + 1) / nt;
-    for (int j = 0; j < dp1; ++j) {
-      int32_t* nb = neigh_.data() + static_cast<std::size_t>(j) * M * 2;
-      for (int64_t m = m0; m < m1; ++m) nb[2 * m + 1] = 0;
-    }
-  });
   {
     int64_t pos = 0;
     for (int32_t m = 0; m < M; ++m) {
       cum_[m] = pos;
-      for (int t = 0; t < nt; ++t) pos += counts_[static_cast<std::size_t>(t) * M + m];
+      pos += counts_[m];
     }
     cum_[M] = pos;
   }
-  add_time(kTIndex, t0);
+  neigh_.assign(static_cast<std::size_t>(dp1) * M * 2, 0);
+  add_time(kTMerge, t0);
 
-  // Neighbours. Along axis j the n1 neighbour of key k is k + (-1, ..., -1, +d at j, -1, ...) and
-  // the n2 neighbour of that point is k again; k -> n1(k) is one-to-one, so writing n2 of the found
-  // point never collides between threads.
+  // Phase B: global slots (index + 1) and neighbours. Along axis j the n1 neighbour of key k is
+  // k + (-1, ..., -1, +d at j, -1, ...) and the n2 neighbour of that point is k again; k -> n1(k) is
+  // one-to-one, so writing n2 of the found point never collides between threads.
   t0 = Clock::now();
   parallel_each(nt, [&](int t) {
+    const int32_t* map = t > 0 ? remap_[t].data() : nullptr;
+    int32_t* op = offset_.data() + chunk_[t] * dp1;
+    int32_t* const oe = offset_.data() + chunk_[t + 1] * dp1;
+    if (map) {
+      for (; op < oe; ++op) *op = map[*op] + 1;
+    } else {
+      for (; op < oe; ++op) *op += 1;
+    }
     const int64_t m0 = static_cast<int64_t>(M) * t / nt, m1 = static_cast<int64_t>(M) * (t + 1) / nt;
     for (int64_t m = m0; m < m1; ++m) {
       for (int j = 0; j < dp1; ++j) {
@@ -601,7 +639,7 @@ bool Lattice::build_with(const FeatureSource& src, int nt, bool sse_pad, Keys& k
       }
     }
   });
-  add_time(kTNeighbours, t0);
+  add_time(kTIndex, t0);
   return true;
 }
 
@@ -630,30 +668,20 @@ void Lattice::filter(const float* in, float* out, int k, Layout layout, const fl
   const float alpha = static_cast<float>(1.0 / (1.0 + std::pow(2.0, -d_)));
   const int nt = std::max(1, std::min<int>(num_threads, static_cast<int>(std::max<int64_t>(1, n / 2048))));
 
-  auto t0 = Clock::now();
-  stage_.resize(static_cast<std::size_t>(n) * kp);
   const std::size_t vsize = (static_cast<std::size_t>(M) + 1) * kp;
   v0_.resize(vsize);
   v1_.resize(vsize);
-  float* X = stage_.data();
+  scratch_.resize(static_cast<std::size_t>(nt) * 8 * kp);
   float* V[2] = {v0_.data(), v1_.data()};
-
-  std::atomic<bool> finite{true};
-  parallel_each(nt, [&](int t) {
-    if (!ks.stage(in, planar, n, k, kp, mask, X, n * t / nt, n * (t + 1) / nt)) finite.store(false);
-    const std::size_t z0 = vsize * t / nt, z1 = vsize * (t + 1) / nt;
-    std::fill(V[0] + z0, V[0] + z1, 0.f);  // splat accumulates into V[0]
-  });
-  std::fill(V[1], V[1] + kp, 0.f);  // slot 0 of the other buffer: the zero row for missing neighbours
-  if (!finite.load()) throw InvalidArgument("lattice: values contain NaN or Inf");
-  add_time(kTStage, t0);
-
   const int32_t* nbs = neigh_.data();
   const int32_t* offs = offset_.data();
   const float* bars = bary_.data();
   const float* omask = mask_output ? mask : nullptr;
   Timers& tm = timers();
   const bool timing = tm.enabled.load(std::memory_order_relaxed);
+  // Small blurs run on one thread: not worth d+1 barriers (which hurt a lot on a busy machine).
+  const bool serial_blur = static_cast<int64_t>(M) * kp * dp1 <= (int64_t{1} << 22);
+  std::atomic<bool> finite{true};
 
   auto run_team = [&](int tid, int nth, bool with_barrier) {
     auto barrier = [&]() {
@@ -672,34 +700,51 @@ void Lattice::filter(const float* in, float* out, int k, Layout layout, const fl
         ts = Clock::now();
       }
     };
-    // Splat: thread tid owns the lattice points whose splat contributions fall into its share; it
+    float* scratch = scratch_.data() + static_cast<std::size_t>(tid % nt) * 8 * kp;
+    // Splat. Thread tid owns the lattice points holding its share of the splat contributions; it
     // walks all points in order and adds only into its own rows (order per row = point order).
-    if (nth == 1) {
-      ks.splat(offs, bars, dp1, X, V[0], 0, n, 0, M + 1, nullptr, nullptr, kp);
-    } else {
-      const int64_t total = cum_[M];
-      auto cut = [&](int t) -> int32_t {
-        if (t <= 0) return 0;
-        if (t >= nth) return M;
-        return static_cast<int32_t>(std::lower_bound(cum_.begin(), cum_.begin() + M, total * t / nth) -
-                                    cum_.begin());
-      };
-      const int32_t lo = cut(tid) + 1, hi = cut(tid + 1) + 1;  // slots
-      if (hi > lo) ks.splat(offs, bars, dp1, X, V[0], 0, n, lo, hi, pix_lo_.data(), pix_hi_.data(), kp);
+    {
+      int32_t lo = 1, hi = M + 1;  // slots
+      if (nth > 1) {
+        const int64_t total = cum_[M];
+        auto cut = [&](int t) -> int32_t {
+          if (t <= 0) return 0;
+          if (t >= nth) return M;
+          return static_cast<int32_t>(std::lower_bound(cum_.begin(), cum_.begin() + M, total * t / nth) -
+                                      cum_.begin());
+        };
+        lo = cut(tid) + 1;
+        hi = cut(tid + 1) + 1;
+      }
+      float* v = V[0] + static_cast<std::size_t>(lo) * kp;
+      std::fill(v, v + static_cast<std::size_t>(hi - lo) * kp, 0.f);
+      if (tid == 0) {
+        std::fill(V[0], V[0] + kp, 0.f);  // slot 0: the zero row for missing neighbours
+        std::fill(V[1], V[1] + kp, 0.f);
+      }
+      if (hi > lo && !ks.splat(in, planar, n, k, mask, offs, bars, dp1, V[0], 0, n, nth > 1, lo, hi, scratch, kp))
+        finite.store(false);
     }
     barrier();
     lap(kTSplat);
     // Blur, axes 0..d.
-    const int32_t m0 = static_cast<int32_t>(static_cast<int64_t>(M) * tid / nth);
-    const int32_t m1 = static_cast<int32_t>(static_cast<int64_t>(M) * (tid + 1) / nth);
-    for (int j = 0; j < dp1; ++j) {
-      ks.blur(V[j & 1], V[(j + 1) & 1], nbs + static_cast<std::size_t>(j) * M * 2, m0, m1, kp);
+    if (serial_blur) {
+      if (tid == 0)
+        for (int j = 0; j < dp1; ++j)
+          ks.blur(V[j & 1], V[(j + 1) & 1], nbs + static_cast<std::size_t>(j) * M * 2, 0, M, kp);
       barrier();
+    } else {
+      const int32_t m0 = static_cast<int32_t>(static_cast<int64_t>(M) * tid / nth);
+      const int32_t m1 = static_cast<int32_t>(static_cast<int64_t>(M) * (tid + 1) / nth);
+      for (int j = 0; j < dp1; ++j) {
+        ks.blur(V[j & 1], V[(j + 1) & 1], nbs + static_cast<std::size_t>(j) * M * 2, m0, m1, kp);
+        barrier();
+      }
     }
     lap(kTBlur);
     // Slice.
     ks.slice(offs, bars, dp1, V[dp1 & 1], alpha, n, k, kp, planar, omask, out, n * tid / nth,
-             n * (tid + 1) / nth);
+             n * (tid + 1) / nth, scratch);
     lap(kTSlice);
   };
 
@@ -713,6 +758,7 @@ void Lattice::filter(const float* in, float* out, int k, Layout layout, const fl
     run_team(0, 1, false);
 #endif
   }
+  if (!finite.load()) throw InvalidArgument("lattice: values contain NaN or Inf");
 }
 
 void Lattice::filter_per_channel(const float* in, float* out, int k, const float* mask) {
@@ -748,8 +794,8 @@ void Lattice::filter_per_channel(const float* in, float* out, int k, const float
 std::size_t Lattice::memory_bytes() const {
   std::size_t s = bary_.capacity() * sizeof(float) + offset_.capacity() * sizeof(int32_t) +
                   neigh_.capacity() * sizeof(int32_t) + cum_.capacity() * sizeof(int64_t) +
-                  (pix_lo_.capacity() + pix_hi_.capacity()) * sizeof(int32_t) + counts_.capacity() * sizeof(int32_t) +
-                  (stage_.capacity() + v0_.capacity() + v1_.capacity()) * sizeof(float);
+                  (v0_.capacity() + v1_.capacity() + scratch_.capacity()) * sizeof(float);
+  s += counts_.capacity() * sizeof(int32_t);
   for (const auto& t : ptables_) s += t.memory_bytes();
   for (const auto& t : gtables_) s += t.memory_bytes();
   for (const auto& r : remap_) s += r.capacity() * sizeof(int32_t);
@@ -761,15 +807,13 @@ void Lattice::release() {
   std::vector<int32_t>().swap(offset_);
   std::vector<int32_t>().swap(neigh_);
   std::vector<int64_t>().swap(cum_);
-  std::vector<int32_t>().swap(pix_lo_);
-  std::vector<int32_t>().swap(pix_hi_);
   std::vector<PackedTable>().swap(ptables_);
   std::vector<KeyTable>().swap(gtables_);
   std::vector<std::vector<int32_t>>().swap(remap_);
   std::vector<int32_t>().swap(counts_);
-  std::vector<float>().swap(stage_);
   std::vector<float>().swap(v0_);
   std::vector<float>().swap(v1_);
+  std::vector<float>().swap(scratch_);
   n_ = 0;
   m_ = 0;
 }

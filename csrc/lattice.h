@@ -28,7 +28,7 @@ struct InvalidArgument : std::invalid_argument {
 // Largest feature dimension supported (per-pixel scratch lives on the stack).
 constexpr int kMaxDim = 32;
 // Points embedded together by the SIMD embedding kernel.
-constexpr int kEmbedLanes = 16;
+constexpr int kEmbedLanes = 8;
 
 // Where per-pixel features come from: either an (N, d) row-major array, or an image
 // (C planes of H x W) turned on the fly into (x/s_xy, y/s_xy, c_0/s_rgb, ..., c_{C-1}/s_rgb).
@@ -47,7 +47,7 @@ struct FeatureSource {
 };
 
 // Optional timing counters (nanoseconds, summed over calls; thread-time when images run in parallel).
-enum TimerId { kTEmbed = 0, kTMerge, kTIndex, kTNeighbours, kTStage, kTSplat, kTBlur, kTSlice, kNumTimers };
+enum TimerId { kTEmbed = 0, kTMerge, kTIndex, kTSplat, kTBlur, kTSlice, kNumTimers };
 struct Timers {
   std::atomic<bool> enabled{false};
   std::atomic<int64_t> ns[kNumTimers];
@@ -68,11 +68,13 @@ class KeyTable {
   int32_t size() const { return count_; }
   const int32_t* key(int32_t i) const { return keys_.data() + static_cast<std::size_t>(i) * key_len_; }
   uint64_t hash(int32_t i) const { return hashes_[static_cast<std::size_t>(i)]; }
+  std::vector<int32_t>& uses() { return uses_; }  // maintained by the caller (see GenericKeys)
   std::size_t memory_bytes() const;
   void release();
 
  private:
   void grow();
+  std::vector<int32_t> uses_;
   struct Slot {
     uint32_t tag;
     int32_t index;  // -1 = empty
@@ -92,6 +94,11 @@ class PackedTable {
   void reset(std::size_t expected);
   int32_t find_or_insert(uint64_t key);
   int32_t find(uint64_t key) const;  // -1 when absent
+  // Finds or inserts keys[0..count) in order (first slots prefetched first), writes their indices to
+  // out and counts the uses of every index (uses()).
+  void insert_batch(const uint64_t* keys, int count, int32_t* out);
+  const std::vector<int32_t>& uses() const { return uses_; }
+  std::vector<int32_t>& uses() { return uses_; }
   int32_t size() const { return count_; }
   uint64_t key(int32_t i) const { return keys_[static_cast<std::size_t>(i)]; }
   std::size_t memory_bytes() const;
@@ -108,6 +115,7 @@ class PackedTable {
   int shift_ = 64;
   std::vector<Slot> slots_;
   std::vector<uint64_t> keys_;
+  std::vector<int32_t> uses_;
 };
 
 // Layout of value arrays handed to filter(): pixel-major (N, K) or planar (K, N).
@@ -154,17 +162,16 @@ class Lattice {
   int bits_ = 0;                      // field width of packed keys
   std::vector<float> bary_;           // N x (d+1)
   std::vector<int32_t> offset_;       // N x (d+1): slot = lattice index + 1 (slot 0 = zero row)
-  std::vector<int32_t> pix_lo_, pix_hi_;  // per point: smallest / largest slot of its vertices
   std::vector<int32_t> neigh_;        // (d+1) x M x 2 slots
   std::vector<int64_t> cum_;          // M+1: splat contributions before lattice point m
   std::vector<PackedTable> ptables_;  // per-thread tables during build; [0] is the lattice's
   std::vector<KeyTable> gtables_;     // same for the generic int32 keys
   std::vector<std::vector<int32_t>> remap_;  // per thread: local index -> global index
-  std::vector<int32_t> counts_;       // threads x M
+  std::vector<int32_t> counts_;       // splat contributions per lattice point
   std::vector<int64_t> chunk_;        // pixel chunk boundaries of the build
   // filter buffers (reused between calls)
-  std::vector<float> stage_;          // N x Kp
   std::vector<float> v0_, v1_;        // (M+1) x Kp
+  std::vector<float> scratch_;        // threads x 8 x Kp (slice tiles)
 };
 
 // Batched bilateral / spatial filtering of B images: image (B, C, H, W), values (B, K, H, W),

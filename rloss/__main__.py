@@ -35,10 +35,18 @@ from rloss.metrics import (
     predict_labels,
 )
 from rloss.net import Net
-from rloss.paths import parse_assignments, resolve_input, resolve_net_file, variable_values
+from rloss.paths import (
+    anchors_of,
+    parse_assignments,
+    resolve_input,
+    resolve_net_file,
+    resolve_net_paths,
+    variable_values,
+)
 from rloss.proto import caffe_pb2
+from rloss.proto.text import read_net
 from rloss.solve import add_set_flag, add_train_flags, check_train_args, log_device, run, train
-from rloss.solver import loss_suffix, output_values, parse_gpu_flag
+from rloss.solver import build_net, loss_suffix, output_values, parse_gpu_flag
 
 log = logging.getLogger("rloss")
 
@@ -54,7 +62,10 @@ def load_model(args: argparse.Namespace, phase: int) -> Net:
         raise NetError(f"model file '{args.model}' does not exist")
     device = parse_gpu_flag(args.gpu) if args.gpu else torch.device("cpu")
     log_device(device)
-    return Net.from_prototxt(path, phase, values=values, defaults=defaults).to(device)
+    net_param = read_net(path, values=values, defaults=defaults)
+    for written, used in resolve_net_paths(net_param, anchors_of(path)):
+        log.info("Using %s for %s", used, written)
+    return build_net(net_param, phase, caffe_pb2.NetState(), str(path)).to(device)
 
 
 # ---- test ---------------------------------------------------------------------------------------------

@@ -60,7 +60,6 @@ def setup_logging(stream: TextIO | None = None, level: int = logging.INFO) -> lo
     handler._rloss_glog = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     logger.setLevel(level)
-    logger.propagate = False
     return handler
 
 

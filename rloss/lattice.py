@@ -38,10 +38,12 @@ __all__ = [
     "extension",
 ]
 
-# Bytes per point and feature dimension kept by a lattice (offsets, weights, splat index, hash keys),
-# plus per point and channel (staging, output). Used for the up-front memory check.
-_BYTES_PER_VERTEX = 4 + 4 + 8 + 4 * 2 + 16
-_BYTES_PER_VALUE = 4 * 4
+# Memory model of one lattice, for the up-front check: per point and vertex (offset + weight), per
+# lattice point (hash slots, key, count, neighbours) and per lattice point and channel (two blur
+# buffers). The number of lattice points is data dependent; images give about N/10, we assume N.
+_BYTES_PER_VERTEX = 8
+_BYTES_PER_LATTICE_POINT = 2 * 16 + 8 + 4 + 8 * 4
+_BYTES_PER_LATTICE_VALUE = 2 * 4
 
 
 def extension() -> Any:
@@ -111,7 +113,11 @@ def _check_memory(points: int, dim: int, channels: int, images_at_once: int) -> 
             f"image too large for the lattice: {points} points x {dim + 1} vertices exceeds 2^31 "
             "(split the image or downscale it)"
         )
-    need = images_at_once * (points * (dim + 1) * _BYTES_PER_VERTEX + points * (channels + 8) * _BYTES_PER_VALUE)
+    kp = channels if channels <= 4 else (channels + 7) // 8 * 8
+    per_lattice = points * (dim + 1) * _BYTES_PER_VERTEX + points * (
+        _BYTES_PER_LATTICE_POINT + (dim + 1) * 8 + kp * _BYTES_PER_LATTICE_VALUE
+    )
+    need = images_at_once * per_lattice
     avail = _available_memory()
     if avail is not None and need > avail:
         raise LatticeError(
@@ -149,16 +155,17 @@ class Permutohedral:
     """
 
     def __init__(self, features: Array, num_threads: Optional[int] = None, sse_pad: bool = True) -> None:
-        f = _as_numpy(features, "features")
-        if f.ndim != 2:
-            raise LatticeError(f"features must have shape (N, d), got {tuple(f.shape)}")
-        n, d = f.shape
+        fshape = _shape(features, "features")
+        if len(fshape) != 2:
+            raise LatticeError(f"features must have shape (N, d), got {fshape}")
+        n, d = fshape
         if n < 1 or d < 1:
-            raise LatticeError(f"features must be non-empty (N >= 1 points, d >= 1 dims), got {tuple(f.shape)}")
+            raise LatticeError(f"features must be non-empty (N >= 1 points, d >= 1 dims), got {fshape}")
         if d > 32:
             raise LatticeError(f"feature dimension {d} is larger than the supported maximum 32")
-        _check_finite(f, "features")
         _check_memory(n, d, 1, 1)
+        f = _as_numpy(features, "features")
+        _check_finite(f, "features")
         self._threads = _threads(num_threads)
         self._lattice = _call(extension().Lattice, f, num_threads=self._threads, sse_pad=sse_pad)
 
@@ -200,19 +207,25 @@ class Permutohedral:
         return _wrap_like(np.ascontiguousarray(out.T), values)
 
 
-def _check_batch(image: np.ndarray, values: np.ndarray) -> None:
-    if image.ndim != 4:
-        raise LatticeError(f"image must have shape (B, C, H, W), got {tuple(image.shape)}")
-    if values.ndim != 4:
-        raise LatticeError(f"values must have shape (B, K, H, W), got {tuple(values.shape)}")
-    b, c, h, w = image.shape
-    if min(image.shape) < 1 or min(values.shape) < 1:
+def _shape(x: Any, name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in np.shape(x))
+    except Exception as e:
+        raise LatticeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}") from e
+
+
+def _check_batch(image_shape: tuple[int, ...], values_shape: tuple[int, ...]) -> None:
+    """Shape checks, done before any conversion so that absurd sizes fail fast and cheaply."""
+    if len(image_shape) != 4:
+        raise LatticeError(f"image must have shape (B, C, H, W), got {image_shape}")
+    if len(values_shape) != 4:
+        raise LatticeError(f"values must have shape (B, K, H, W), got {values_shape}")
+    b, c, h, w = image_shape
+    if min(b, h, w) < 1 or c < 1 or min(values_shape) < 1:
+        raise LatticeError(f"empty input: image {image_shape}, values {values_shape} (all sizes must be >= 1)")
+    if values_shape[0] != b or values_shape[2:] != (h, w):
         raise LatticeError(
-            f"empty input: image {tuple(image.shape)}, values {tuple(values.shape)} (all sizes must be >= 1)"
-        )
-    if values.shape[0] != b or values.shape[2:] != (h, w):
-        raise LatticeError(
-            f"values {tuple(values.shape)} do not match image {tuple(image.shape)}: need (B, K, H, W) with the "
+            f"values {values_shape} do not match image {image_shape}: need (B, K, H, W) with the "
             "image's B, H and W"
         )
     if c + 2 > 32:
@@ -239,16 +252,17 @@ def bilateral_filter(
     preallocated (B, K, H, W) float32 buffer. `sse_pad` reproduces the original SSE build's extra
     lattice points for N % 4 != 0 (effect ~1e-7 relative).
     """
-    img = _as_numpy(image, "image")
-    val = _as_numpy(values, "values")
-    _check_batch(img, val)
+    ishape, vshape = _shape(image, "image"), _shape(values, "values")
+    _check_batch(ishape, vshape)
     sr = _check_sigma(sigma_rgb, "sigma_rgb")
     sxy = _check_sigma(sigma_xy, "sigma_xy")
-    _check_finite(img, "image")
-    b, c, h, w = img.shape
-    k = val.shape[1]
+    b, c, h, w = ishape
+    k = vshape[1]
     threads = _threads(num_threads)
     _check_memory(h * w, c + 2, k, min(b, threads))
+    img = _as_numpy(image, "image")
+    val = _as_numpy(values, "values")
+    _check_finite(img, "image")
     mk = None
     if mask is not None:
         mk = _as_numpy(mask, "mask")
@@ -288,15 +302,16 @@ def spatial_filter(
 
     values (B, K, H, W) -> (B, K, H, W); same lattice for all images of the batch shape.
     """
-    val = _as_numpy(values, "values")
-    if val.ndim != 4:
-        raise LatticeError(f"values must have shape (B, K, H, W), got {tuple(val.shape)}")
-    if min(val.shape) < 1:
-        raise LatticeError(f"empty input: values {tuple(val.shape)} (all sizes must be >= 1)")
+    vshape = _shape(values, "values")
+    if len(vshape) != 4:
+        raise LatticeError(f"values must have shape (B, K, H, W), got {vshape}")
+    if min(vshape) < 1:
+        raise LatticeError(f"empty input: values {vshape} (all sizes must be >= 1)")
     sxy = _check_sigma(sigma_xy, "sigma_xy")
-    b, k, h, w = val.shape
+    b, k, h, w = vshape
     threads = _threads(num_threads)
     _check_memory(h * w, 2, k * b, 1)
+    val = _as_numpy(values, "values")
     # The features do not depend on the image, so the batch is filtered as one image with B*K channels.
     empty = np.zeros((1, 0, h, w), dtype=np.float32)
     res = _call(

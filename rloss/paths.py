@@ -10,6 +10,10 @@ that names it (the solver file's own directory first, then its parent, and so on
 the first candidate that exists wins. If none exists the path is returned unchanged, so the error
 that follows names it as the user wrote it.
 
+Input paths inside a net (`resolve_net_paths`: list files, HDF5 lists, mean files) follow the
+input rule with the ancestors of the file that names them (the solver's, or the net's for
+`test`/`time`); only paths found that way are rewritten, so a run from `exper/` is unchanged.
+
 Net files (`resolve_net_file`): as inputs; if the file is still not found and its name is
 `STEM_<set>.prototxt` where `<set>` is the value of TRAIN_SET or TEST_SET, the template
 `STEM.prototxt` beside it (resolved the same way) is used instead; the caller expands it with the
@@ -43,6 +47,11 @@ SCRIPT_DEFAULTS = {
     "DENSECRF_LOSS_WEIGHT": "1e-8",
 }
 SET_VARIABLES = ("TRAIN_SET", "TEST_SET")
+INPUT_PATH_FIELDS = (
+    ("image_data_param", "source"), ("hdf5_data_param", "source"), ("data_param", "source"),
+    ("window_data_param", "source"), ("infogain_loss_param", "source"), ("mat_read_param", "source"),
+    ("transform_param", "mean_file"), ("image_data_param", "mean_file"), ("data_param", "mean_file"),
+)
 
 
 def parse_assignments(items: Iterable[str]) -> dict[str, str]:
@@ -98,6 +107,24 @@ def resolve_input(path: str | Path, anchors: Sequence[Path] = ()) -> Path:
         if candidate.exists():
             return candidate
     return given
+
+
+def resolve_net_paths(net_param, anchors: Sequence[Path]) -> list[tuple[str, str]]:
+    """Rewrite, in place, each relative input path of the net's layers that exists only under an
+    anchor; returns the (as written, as used) pairs."""
+    changes = []
+    known = net_param.DESCRIPTOR.fields_by_name["layer"].message_type.fields_by_name
+    for layer in net_param.layer:
+        for message_name, field in INPUT_PATH_FIELDS:
+            if message_name not in known or not layer.HasField(message_name):
+                continue
+            message = getattr(layer, message_name)
+            value = getattr(message, field, "")
+            found = resolve_input(value, anchors) if value else None
+            if found is not None and found != Path(value):
+                setattr(message, field, str(found))
+                changes.append((value, str(found)))
+    return changes
 
 
 def template_of(path: Path, values: Mapping[str, str], defaults: Mapping[str, str]) -> Path | None:

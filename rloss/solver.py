@@ -30,7 +30,14 @@ from rloss.errors import NetError, SolverError, WeightsError
 from rloss.io import read_solver_state, write_message_atomic
 from rloss.lr_policy import LearningRate, check_policy
 from rloss.net import Net
-from rloss.paths import anchors_of, resolve_input, resolve_net_file, resolve_output_prefix, variable_values
+from rloss.paths import (
+    anchors_of,
+    resolve_input,
+    resolve_net_file,
+    resolve_net_paths,
+    resolve_output_prefix,
+    variable_values,
+)
 from rloss.proto import caffe_pb2
 from rloss.proto.blob import array_to_blob, blob_shape, blob_to_array
 from rloss.proto.netstate import filter_net
@@ -83,6 +90,8 @@ class SGDSolver:
                         for p in self.net.learnable]
         self._history_nonzero = [False] * len(self.history)
         self.smoothed_loss = 0.0
+        self._start_iter = 0
+        self._losses: list[np.float32] = []
         self.requested_early_exit = False
         self._pending: list[str] = []
         log.info("Solver scaffolding done.")
@@ -143,7 +152,8 @@ class SGDSolver:
         field = given[0]
         if field.endswith("_param"):
             log.info("Creating training net specified in %s.", field)
-            return build_net(getattr(p, field), caffe_pb2.TRAIN, p.train_state, f"{self.source} ({field})")
+            return build_net(self._located(getattr(p, field)), caffe_pb2.TRAIN, p.train_state,
+                             f"{self.source} ({field})")
         path = self._net_file(getattr(p, field))
         log.info("Creating training net from %s file: %s", field, path)
         return build_net(self._read_net(path), caffe_pb2.TRAIN, p.train_state, str(path))
@@ -171,7 +181,7 @@ class SGDSolver:
         nets = []
         for index, (source, name) in enumerate(sources):
             state = p.test_state[index] if len(p.test_state) else caffe_pb2.NetState()
-            net_param = self._read_net(source) if isinstance(source, Path) else source
+            net_param = self._read_net(source) if isinstance(source, Path) else self._located(source)
             log.info("Creating test net (#%d) specified by %s", index, name)
             nets.append(build_net(net_param, caffe_pb2.TEST, state, str(source) if isinstance(source, Path) else name))
         return nets
@@ -184,7 +194,15 @@ class SGDSolver:
         return path
 
     def _read_net(self, path: Path):
-        return read_net(path, values=self.values, defaults=self.defaults)
+        return self._located(read_net(path, values=self.values, defaults=self.defaults))
+
+    def _located(self, net_param):
+        """A copy of the net with its relative input paths found as rloss.paths describes."""
+        located = caffe_pb2.NetParameter()
+        located.CopyFrom(net_param)
+        for written, used in resolve_net_paths(located, self.anchors):
+            log.info("Using %s for %s", used, written)
+        return located
 
     # ---- weights ----------------------------------------------------------------------------------
     def copy_weights(self, weights: str) -> None:
@@ -214,8 +232,11 @@ class SGDSolver:
             return
         if p.display > 0 and self.iter % p.display == 0:
             with torch.no_grad():
-                loss = float(self.net.forward())
-            log.info("Iteration %d, loss = %s", self.iter, caffe_float(loss))
+                loss = f32(float(self.net.forward()))
+            smoothed = _smooth(self._losses, f32(self.smoothed_loss), loss, self.iter - self._start_iter,
+                               p.average_loss)
+            self.smoothed_loss = float(smoothed)
+            log.info("Iteration %d, loss = %s", self.iter, caffe_float(smoothed))
         if p.test_interval > 0 and self.iter % p.test_interval == 0:
             self.test_all()
         log.info("Optimization Done.")
@@ -224,7 +245,8 @@ class SGDSolver:
         """Caffe's Step: `iterations` updates (fewer if a signal asks to stop)."""
         p = self.param
         start_iter, stop_iter = self.iter, self.iter + iterations
-        losses: list[np.float32] = []
+        # the ring of recent losses lives on the solver: Solve's final display pass adds to it
+        self._start_iter, self._losses = start_iter, []
         smoothed = f32(0)
         clock = _Progress(self.iter, p.max_iter)
         while self.iter < stop_iter:
@@ -237,7 +259,7 @@ class SGDSolver:
                     break
             display = p.display > 0 and self.iter % p.display == 0
             loss = self._forward_backward()
-            smoothed = _smooth(losses, smoothed, loss, self.iter - start_iter, p.average_loss)
+            smoothed = _smooth(self._losses, smoothed, loss, self.iter - start_iter, p.average_loss)
             self.smoothed_loss = float(smoothed)
             if display:
                 log.info("Iteration %d, loss = %s", self.iter, caffe_float(smoothed))
@@ -486,6 +508,7 @@ def share_trained_layers(target: Net, source: Net) -> None:
                                f"net {target.source}, {tuple(blob.shape)} in the train net")
             if layer.blobs[j] is not blob:
                 layer.blobs[j] = blob
+        target.params[layer.name] = list(layer.blobs)
 
 
 def _learned_net(name: str, state_file: Path) -> Path:

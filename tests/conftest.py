@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -17,3 +18,13 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: ../shared (golden files, reference experiments, data) is not beside this clone")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _detach_cli_log_handlers():
+    """A command-line run inside a test attaches a handler to pytest's captured stderr; drop it after."""
+    yield
+    logger = logging.getLogger("rloss")
+    for handler in list(logger.handlers):
+        if getattr(handler, "_rloss_glog", False):
+            logger.removeHandler(handler)

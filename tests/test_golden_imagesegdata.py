@@ -70,8 +70,13 @@ def test_palette_labels_are_read_as_indices_where_caffe_read_luma(monkeypatch, c
     decode) gave the luma of each index's palette colour; we reproduce those values from the indices
     to show that this is the only difference."""
     monkeypatch.setattr(imageio, "_warned_palette", False)
-    with caplog.at_level(logging.WARNING, logger="rloss"):
-        _, ours = _run_case("train_palette_label", monkeypatch)
+    logger = logging.getLogger("rloss")  # may not propagate to the root logger (glog-style set-up)
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="rloss"):
+            _, ours = _run_case("train_palette_label", monkeypatch)
+    finally:
+        logger.removeHandler(caplog.handler)
     assert any("img1_label_palette.png" in record.getMessage() for record in caplog.records)
     png = Image.open(shared_path("golden", "03_imagesegdata", "data", "img1_label_palette.png"))
     assert png.mode == "P"

@@ -2,8 +2,8 @@
 
 * Images: 8-bit BGR, `(H, W, 3)` uint8, as `cv::imread(path, IMREAD_COLOR)` gives (grey and palette
   files are expanded to three channels, alpha is dropped). PIL's libjpeg decode gives the same pixels
-  as OpenCV's for baseline JPEGs (checked on every MSRC-21 image). `read_gray` gives OpenCV's
-  `IMREAD_GRAYSCALE` result: libjpeg's luma for JPEGs, libpng's rule for other colour files.
+  as OpenCV's (checked equal to OpenCV 5.0's decode on all 335 MSRC-21 JPEGs). `read_gray` gives OpenCV's
+  `IMREAD_GRAYSCALE` result: libjpeg's luma for JPEGs, libpng's rule for PNGs (used for other formats too).
 * Labels: raw 8-bit values, `(H, W)` uint8. Grey PNGs give their values. Palette PNGs give their
   palette INDICES, which is what the files mean (class numbers, 255 = void), but not what Caffe
   reads: its OpenCV grayscale decode turns palette colours into luma (`train_palette_label` in the
@@ -61,15 +61,13 @@ def read_bgr(path: str, where: str) -> np.ndarray:
 
 
 def libpng_gray(rgb: np.ndarray) -> np.ndarray:
-    """libpng's RGB -> grey as OpenCV requests it (0.299, 0.587 in 15-bit fixed point, truncated;
-    grey pixels kept as they are)."""
+    """libpng's RGB -> grey as OpenCV requests it: 0.299 and 0.587 (blue the rest) in 15-bit fixed
+    point, truncated (the weights sum to 1, so grey pixels keep their value)."""
     red, green, blue = (rgb[..., i].astype(np.int64) for i in range(3))
     red_coef = 29900 * 32768 // 100000
     green_coef = 58700 * 32768 // 100000
     blue_coef = 32768 - red_coef - green_coef
-    gray = (red_coef * red + green_coef * green + blue_coef * blue) >> 15
-    is_grey = (red == green) & (green == blue)
-    return np.where(is_grey, red, gray).astype(np.uint8)
+    return ((red_coef * red + green_coef * green + blue_coef * blue) >> 15).astype(np.uint8)
 
 
 def read_gray(path: str, where: str) -> np.ndarray:

@@ -77,11 +77,15 @@ class SampleOrder:
             return self.rng.permutation(self.count)
         return np.arange(self.count)
 
+    def peek(self) -> int:
+        """The entry index of the next sample, without moving."""
+        return int(self.order[self.cursor])
+
     def take(self, n: int) -> list[int]:
         """The entry indices of the next `n` samples."""
         taken = []
         for _ in range(n):
-            taken.append(int(self.order[self.cursor]))
+            taken.append(self.peek())
             self.cursor += 1
             if self.cursor == self.count:
                 self.cursor = 0

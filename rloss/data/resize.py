@@ -1,8 +1,7 @@
 """OpenCV's `cv::resize` for 8-bit images, reproduced bit for bit in numpy (no OpenCV needed).
 
 Caffe's transformer resizes images with `INTER_LINEAR` and labels with `INTER_NEAREST`. What these
-compute on 8-bit data is not the textbook formula, so we follow OpenCV (2.4, the release DeepLab's
-Caffe was built against, on x86-64) step by step:
+compute on 8-bit data is not the textbook formula, so we follow OpenCV step by step:
 
 * Coordinates: `scale = 1 / (dst / src)` in double; source position of output `d` is
   `f = (float)((d + 0.5) * scale - 0.5)` (half-pixel centres), `s = floor(f)`, weight `f - s`.
@@ -10,10 +9,14 @@ Caffe was built against, on x86-64) step by step:
   weight 0); rows keep their weights and clamp the row indices into the image instead.
 * Weights are 11-bit fixed point: `rint((1 - f) * 2048)` and `rint(f * 2048)` (float32 products).
 * The horizontal pass keeps exact integers (`h = p0 * a0 + p1 * a1`, scale 2048). The vertical pass
-  is not the exact `(h0 * b0 + h1 * b1 + 2**21) >> 22` but OpenCV's 16-bit SIMD form, which its scalar
-  code copies since 2.4.9 (and every 3.x, 4.x, 5.x release): `((h0 >> 4) * b0 >> 16) +
-  ((h1 >> 4) * b1 >> 16)`, then `(t + 2) >> 2`. The two differ by one in about 12 % of the pixels.
+  is not the exact `(h0 * b0 + h1 * b1 + 2**21) >> 22` but OpenCV's 16-bit SIMD form, which its
+  scalar code also uses in the later 2.4 releases and in 3.x to 5.x: `((h0 >> 4) * b0 >> 16) +
+  ((h1 >> 4) * b1 >> 16)`, then `(t + 2) >> 2`. The two forms differ by one in about 12 % of the
+  pixels. (The first 2.4 releases used the exact form for the last few values of each row.)
 * Nearest: `src = min(floor(d * (1 / (dst / src))), size - 1)`, not centre-aligned.
+
+Both were checked equal, pixel for pixel, to OpenCV 5.0's `cv2.resize` on random images of random
+sizes and on MSRC-21 photos at DeepLab's scale factors (0.5 to 2).
 """
 
 from __future__ import annotations
@@ -63,11 +66,16 @@ def _row_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
 
 
 def _vertical(top: np.ndarray, bottom: np.ndarray, near: np.ndarray, far: np.ndarray) -> np.ndarray:
-    """Blend two rows of horizontal results (int64, scale 2048) into uint8, as OpenCV does."""
-    near = near[:, None]
-    far = far[:, None]
-    blended = (((top >> 4) * near) >> 16) + (((bottom >> 4) * far) >> 16)
-    return np.clip((blended + 2) >> 2, 0, 255).astype(np.uint8)
+    """Blend two rows of horizontal results (int32, scale 2048) into uint8, as OpenCV does (the
+    products stay below 2**31: (255 * 2048 >> 4) * 2048)."""
+    blended = (top >> 4) * near[:, None]
+    blended >>= 16
+    lower = (bottom >> 4) * far[:, None]
+    lower >>= 16
+    blended += lower
+    blended += 2
+    blended >>= 2
+    return np.clip(blended, 0, 255).astype(np.uint8)
 
 
 def resize_linear(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -76,13 +84,14 @@ def resize_linear(image: np.ndarray, height: int, width: int) -> np.ndarray:
         raise TypeError(f"resize_linear needs uint8 pixels, got {image.dtype}")
     if image.shape[:2] == (height, width):
         return image.copy()
-    flat = image.reshape(image.shape[0], image.shape[1], -1).astype(np.int64)
+    flat = image.reshape(image.shape[0], image.shape[1], -1)
     channels = flat.shape[2]
     left, right, a_near, a_far = _column_taps(image.shape[1], width)
-    horizontal = flat[:, left] * a_near[None, :, None] + flat[:, right] * a_far[None, :, None]
+    horizontal = flat[:, left].astype(np.int32) * a_near.astype(np.int32)[None, :, None]
+    horizontal += flat[:, right].astype(np.int32) * a_far.astype(np.int32)[None, :, None]
     horizontal = horizontal.reshape(image.shape[0], width * channels)
     upper, lower, b_near, b_far = _row_taps(image.shape[0], height)
-    resized = _vertical(horizontal[upper], horizontal[lower], b_near, b_far)
+    resized = _vertical(horizontal[upper], horizontal[lower], b_near.astype(np.int32), b_far.astype(np.int32))
     return resized.reshape((height, width) + image.shape[2:])
 
 

@@ -11,6 +11,9 @@ smaller than the crop is an error), no rescaling, `(pixel - mean) * scale` in fl
 
 Random draws come from the `numpy.random.Generator` given per sample, in Caffe's order: mirror,
 scale factor, row offset, column offset.
+
+Padding becomes exactly 0 after mean subtraction whatever the number of mean values (Caffe pads with
+`mean_value[0..2]`, which needs three values; with one we use it for every channel, with none 0).
 """
 
 from __future__ import annotations

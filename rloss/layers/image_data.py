@@ -107,10 +107,9 @@ class _ClassReader(_Reader):
 
     def read(self, entry: ListEntry) -> np.ndarray:
         """The image, (H, W, C) uint8 with C = 3 (BGR) or 1 (grey)."""
-        path = self.root + entry.image
-        if self.color:
-            return self.resized(read_bgr(path, self.where(entry)), resize_linear)
-        return self.resized(read_gray(path, self.where(entry)), resize_linear)[:, :, None]
+        decode = read_bgr if self.color else read_gray
+        image = self.resized(decode(self.root + entry.image, self.where(entry)), resize_linear)
+        return image if self.color else image[:, :, None]
 
     def __call__(self, item: tuple[int, int]) -> Sample:
         entry = self.entries[item[0]]
@@ -155,7 +154,7 @@ class _ImageListLayer(SourceLayer):
         self.order = SampleOrder(len(entries), bool(data_param.shuffle), rng,
                                  self._skip(data_param.rand_skip, len(entries), rng))
         self.reader = self.make_reader(entries, self._transform_config(), self._new_size(data_param))
-        self.sample_shapes = self.first_sample_shapes(entries[self.order.order[self.order.cursor]])
+        self.sample_shapes = self.first_sample_shapes(entries[self.order.peek()])
         self.prefetcher = Prefetcher(_planner(self.order, rng, self.batch_size), self.reader,
                                      depth=PREFETCH_BATCHES, name=f"rloss-data-{self.name}")
         self._stop_workers = weakref.finalize(self, self.prefetcher.close)
@@ -177,7 +176,7 @@ class _ImageListLayer(SourceLayer):
 
     # ---- shared -----------------------------------------------------------------------------------
     def reshape(self, bottom_shapes: list[Shape]) -> list[Shape]:
-        return [(self.batch_size, *shape) for shape in self.sample_shapes][:self.num_tops]
+        return [(self.batch_size, *shape) for shape in self.sample_shapes]
 
     def forward(self) -> list[torch.Tensor]:  # type: ignore[override]
         samples: list[Sample] = self.prefetcher.next()
@@ -245,8 +244,7 @@ class _ImageListLayer(SourceLayer):
             raise self.error(f"scale_factors must be positive, got {list(factors)}")
         return TransformConfig(
             crop=self._crop(transform),
-            mean=np.broadcast_to(means, (self.channels,)).copy() if len(means) else
-            np.zeros(self.channels, dtype=np.float32),
+            mean=np.broadcast_to(means if len(means) else np.float32(0), (self.channels,)).copy(),
             scale=float(np.float32(transform.scale)),
             mirror=bool(transform.mirror),
             random_crop=self.phase == caffe_pb2.TRAIN,
@@ -267,6 +265,15 @@ class ImageSegData(_ImageListLayer):
 
     tops = (1, 3)
     auto_tops = 3
+
+    def setup(self, bottom_shapes: list[Shape]) -> None:
+        ignore_label = self.param.image_data_param.ignore_label
+        if not 0 <= ignore_label <= 255:
+            raise self.error(f"ignore_label must be in 0..255 (labels are 8-bit), got {ignore_label}")
+        if not self.param.image_data_param.is_color:
+            log.warning("layer '%s' (type ImageSegData): is_color: false is ignored; images are read "
+                        "in colour", self.name)
+        super().setup(bottom_shapes)
 
     def needs_label_token(self) -> bool:
         return self.param.image_data_param.label_type != _LabelType.NONE
