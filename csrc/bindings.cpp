@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -57,7 +58,7 @@ py::array_t<float> make_or_check_out(py::object out, const std::vector<py::ssize
 // Batched image filter: image (B, C, H, W), values (B, K, H, W), mask (B, H, W) or None.
 py::array_t<float> image_batch(const py::array& image, const py::array& values, float sigma_xy, float sigma_rgb,
                                py::object mask, bool mask_output, int num_threads, bool sse_pad,
-                               py::object out, bool per_channel) {
+                               py::object out, bool per_channel, bool roi_from_image) {
   const float* img = checked(image, "image", 4, /*channels may be 0: spatial features only*/ 1);
   const float* val = checked(values, "values", 4);
   const py::ssize_t b = image.shape(0), c = image.shape(1), h = image.shape(2), w = image.shape(3);
@@ -75,6 +76,7 @@ py::array_t<float> image_batch(const py::array& image, const py::array& values, 
       throw InvalidArgument("mask " + shape_str(mask_arr) + " must have shape (B, H, W) of image " +
                             shape_str(image));
   }
+  if (roi_from_image && mk) throw InvalidArgument("give either mask or roi_from_image, not both");
   const int k = to_int_channels(values.shape(1), "value channels");
   py::array_t<float> result = make_or_check_out(out, {b, values.shape(1), h, w});
   float* o = result.mutable_data();
@@ -85,7 +87,7 @@ py::array_t<float> image_batch(const py::array& image, const py::array& values, 
                                             num_threads, sse_pad);
     else
       rloss::filter_image_batch(img, b, static_cast<int>(c), h, w, val, k, o, sigma_xy, sigma_rgb, mk, mask_output,
-                                num_threads, sse_pad);
+                                num_threads, sse_pad, roi_from_image);
   }
   return result;
 }
@@ -129,6 +131,7 @@ PYBIND11_MODULE(_lattice, m) {
             float* o = result.mutable_data();
             {
               py::gil_scoped_release release;
+              std::lock_guard<std::mutex> lock(lat.mutex());
               lat.filter(in, o, kk, planar ? rloss::Layout::kPlanar : rloss::Layout::kPixelMajor, nullptr, false,
                          num_threads);
             }
@@ -149,6 +152,7 @@ PYBIND11_MODULE(_lattice, m) {
             float* o = result.mutable_data();
             {
               py::gil_scoped_release release;
+              std::lock_guard<std::mutex> lock(lat.mutex());
               lat.filter_per_channel(in, o, kk, nullptr);
             }
             return result;
@@ -182,18 +186,20 @@ PYBIND11_MODULE(_lattice, m) {
   m.def(
       "filter_image_batch",
       [](const py::array& image, const py::array& values, float sigma_xy, float sigma_rgb, py::object mask,
-         bool mask_output, int num_threads, bool sse_pad, py::object out) {
-        return image_batch(image, values, sigma_xy, sigma_rgb, mask, mask_output, num_threads, sse_pad, out, false);
+         bool mask_output, int num_threads, bool sse_pad, py::object out, bool roi_from_image) {
+        return image_batch(image, values, sigma_xy, sigma_rgb, mask, mask_output, num_threads, sse_pad, out, false,
+                           roi_from_image);
       },
       py::arg("image"), py::arg("values"), py::arg("sigma_xy"), py::arg("sigma_rgb"), py::arg("mask") = py::none(),
       py::arg("mask_output") = false, py::arg("num_threads") = 1, py::arg("sse_pad") = true,
-      py::arg("out") = py::none(),
+      py::arg("out") = py::none(), py::arg("roi_from_image") = false,
       "Per image: lattice over (x/sxy, y/sxy, c/srgb...), then all K channels filtered in one pass.");
   m.def(
       "filter_image_batch_per_channel",
       [](const py::array& image, const py::array& values, float sigma_xy, float sigma_rgb, py::object mask,
          int num_threads, bool sse_pad) {
-        return image_batch(image, values, sigma_xy, sigma_rgb, mask, false, num_threads, sse_pad, py::none(), true);
+        return image_batch(image, values, sigma_xy, sigma_rgb, mask, false, num_threads, sse_pad, py::none(), true,
+                           false);
       },
       py::arg("image"), py::arg("values"), py::arg("sigma_xy"), py::arg("sigma_rgb"), py::arg("mask") = py::none(),
       py::arg("num_threads") = 1, py::arg("sse_pad") = true,

@@ -46,11 +46,11 @@ KernelSet kernels_for(int kp) {
   return rloss_kernels_base::kernel_set(kp);
 }
 
-EmbedFn embed_kernel() {
+EmbedFn embed_kernel(int d) {
 #ifdef RLOSS_HAVE_AVX2_KERNELS
-  if (use_avx2()) return rloss_kernels_avx2::embed_fn();
+  if (use_avx2()) return rloss_kernels_avx2::embed_fn(d);
 #endif
-  return rloss_kernels_base::embed_fn();
+  return rloss_kernels_base::embed_fn(d);
 }
 
 const char* kernels_isa() { return use_avx2() ? "avx2" : "baseline"; }

@@ -8,12 +8,15 @@
 namespace rloss {
 namespace detail {
 
-// Embeds kEmbedLanes points at once (spec 7.3 "Embedding"). f is [d][L] (feature-major), outputs are
-// [(d+1)][L]: rem0 (remainder-0 point after the sum fix), rank, barycentric weights b[0..d].
+// Embeds kEmbedLanes = 8 points at once (spec 7.3 "Embedding"). f is [d][8] (feature-major); rem0
+// (remainder-0 point after the sum fix) and rank are written as [(d+1)][8]; the barycentric weights
+// b[0..d] of the first nb points go to bary[nb][d+1] (point-major). With key_bits > 0 the simplex
+// vertex keys packed into uint64 (key_bits bits per coordinate, biased by 2^(key_bits-1)) of the
+// first nb points go to keys[nb][d+1] (valid only when the returned max |rem0| fits the fields).
 // Returns max |rem0| over all coordinates and lanes, or -1 when a coordinate is NaN/Inf or beyond
 // the supported range.
-using EmbedFn = int32_t (*)(int d, const float* scale, const float* f, int32_t* rem0, int32_t* rank,
-                            float* bary);
+using EmbedFn = int32_t (*)(int d, const float* scale, const float* f, int nb, int32_t* rem0, int32_t* rank,
+                            float* bary, int key_bits, uint64_t* keys);
 
 struct KernelSet {
   // Splat of points [p0, p1) in point order: V[slot] += w * x[p], x[p] = values of point p (read from
@@ -35,7 +38,7 @@ inline int padded_channels(int k) { return k <= 4 ? k : (k + 7) / 8 * 8; }
 
 // Kernels for a padded channel count, for the best instruction set this CPU supports.
 KernelSet kernels_for(int kp);
-EmbedFn embed_kernel();
+EmbedFn embed_kernel(int d);
 const char* kernels_isa();
 
 }  // namespace detail

@@ -16,6 +16,9 @@ namespace RLOSS_KNS {
 
 typedef float vf8 __attribute__((vector_size(32), aligned(4), may_alias));
 typedef int32_t vi8 __attribute__((vector_size(32), aligned(4), may_alias));
+typedef int32_t vi4 __attribute__((vector_size(16), aligned(4), may_alias));
+typedef int64_t vl4 __attribute__((vector_size(32), aligned(8), may_alias));
+typedef uint64_t vu4 __attribute__((vector_size(32), aligned(8), may_alias));
 
 static inline vf8 ld(const float* p) { return *reinterpret_cast<const vf8*>(p); }
 static inline void st(float* p, vf8 v) { *reinterpret_cast<vf8*>(p) = v; }
@@ -32,9 +35,11 @@ static_assert(rloss::kEmbedLanes == 8, "the embedding kernel works on 8 lanes");
 constexpr float kCoordLimit = 4194304.f;
 constexpr float kRoundMagic = 12582912.f;  // 1.5 * 2^23
 
-// Spec 7.3 "Embedding" for 8 points: f [d][8] -> rem0, rank, bary [(d+1)][8].
-static int32_t embed_block(int d, const float* scale, const float* f, int32_t* rem0, int32_t* rank,
-                           float* bary) {
+// Spec 7.3 "Embedding" for 8 points (see rloss::detail::EmbedFn). D > 0: compile-time dimension.
+template <int D>
+static int32_t embed_block(int d_rt, const float* scale, const float* f, int nb, int32_t* rem0, int32_t* rank,
+                           float* bary, int key_bits, uint64_t* keys) {
+  const int d = D > 0 ? D : d_rt;
   vf8 E[rloss::kMaxDim + 1], R[rloss::kMaxDim + 1], U[rloss::kMaxDim + 1];
   vi8 rk[rloss::kMaxDim + 1];
   // Elevate: sum-zero coordinates, j = d .. 1, then E[0].
@@ -93,8 +98,42 @@ static int32_t embed_block(int d, const float* scale, const float* f, int32_t* r
     for (int i = 0; i <= d; ++i) a = rk[i] == bci(q) ? U[i] : a;
     u[q] = a;
   }
-  for (int s = 1; s <= d; ++s) st(bary + s * 8, u[d - s] - u[d - s + 1]);
-  st(bary, u[d] + (bc(1.f) + (-u[0])));
+  const int dp1i = d + 1;
+  {
+    float bs[8];
+    st(bs, u[d] + (bc(1.f) + (-u[0])));
+    for (int l = 0; l < nb; ++l) bary[l * dp1i] = bs[l];
+    for (int s = 1; s <= d; ++s) {
+      st(bs, u[d - s] - u[d - s + 1]);
+      for (int l = 0; l < nb; ++l) bary[l * dp1i + s] = bs[l];
+    }
+  }
+  // Vertex keys: vertex r has coordinates rem0_i + r - (d+1)[rank_i > d-r] (canonical simplex).
+  if (key_bits > 0) {
+    const int64_t bias = int64_t{1} << (key_bits - 1);
+    uint64_t ones = 0;
+    for (int i = 0; i < d; ++i) ones |= uint64_t{1} << (key_bits * i);
+    for (int h = 0; h < 2; ++h) {
+      vu4 base = {0, 0, 0, 0};
+      vl4 rk4[rloss::kMaxDim];
+      for (int i = 0; i < d; ++i) {
+        const vi4 q = *reinterpret_cast<const vi4*>(rem0 + i * 8 + 4 * h);
+        const vi4 rr = *reinterpret_cast<const vi4*>(rank + i * 8 + 4 * h);
+        base += reinterpret_cast<vu4>(__builtin_convertvector(q, vl4) + bias) << (key_bits * i);
+        rk4[i] = __builtin_convertvector(rr, vl4);
+      }
+      for (int r = 0; r <= d; ++r) {
+        vu4 key = base + static_cast<uint64_t>(r) * ones;
+        const int64_t lim = d - r;
+        for (int i = 0; i < d; ++i)
+          key -= reinterpret_cast<vu4>(rk4[i] > lim) & (static_cast<uint64_t>(d + 1) << (key_bits * i));
+        for (int j = 0; j < 4; ++j) {
+          const int l = 4 * h + j;
+          if (l < nb) keys[l * dp1i + r] = key[j];
+        }
+      }
+    }
+  }
   int32_t all_ok = -1, m = 0;
   for (int l = 0; l < 8; ++l) {
     all_ok &= ok[l];
@@ -327,6 +366,13 @@ static rloss::detail::KernelSet kernel_set(int kp) {
   return s;
 }
 
-static rloss::detail::EmbedFn embed_fn() { return &embed_block; }
+static rloss::detail::EmbedFn embed_fn(int d) {
+  switch (d) {
+    case 2: return &embed_block<2>;
+    case 3: return &embed_block<3>;
+    case 5: return &embed_block<5>;
+    default: return &embed_block<0>;
+  }
+}
 
 }  // namespace RLOSS_KNS

@@ -1,4 +1,4 @@
-// Permutohedral lattice: construction (embedding, hash table, neighbours, splat index) and the
+// Permutohedral lattice: construction (embedding, hash tables, neighbours) and the
 // K-channel filter orchestration. The arithmetic of the embedding follows spec 7.3 step by step.
 #include "lattice.h"
 
@@ -153,7 +153,6 @@ void KeyTable::reset(int key_len, std::size_t expected) {
   slots_.assign(cap, Slot{0, -1});
   keys_.clear();
   hashes_.clear();
-  uses_.clear();
   keys_.reserve(expected * key_len);
   hashes_.reserve(expected);
 }
@@ -208,14 +207,13 @@ int32_t KeyTable::find(const int32_t* key, uint64_t h) const {
 
 std::size_t KeyTable::memory_bytes() const {
   return slots_.capacity() * sizeof(Slot) + keys_.capacity() * sizeof(int32_t) +
-         hashes_.capacity() * sizeof(uint64_t) + uses_.capacity() * sizeof(int32_t);
+         hashes_.capacity() * sizeof(uint64_t);
 }
 
 void KeyTable::release() {
   std::vector<Slot>().swap(slots_);
   std::vector<int32_t>().swap(keys_);
   std::vector<uint64_t>().swap(hashes_);
-  std::vector<int32_t>().swap(uses_);
   count_ = 0;
 }
 
@@ -235,7 +233,6 @@ void PackedTable::reset(std::size_t expected) {
   shift_ = 64 - bits;
   slots_.assign(cap, Slot{0, -1, 0});
   keys_.resize(expected);
-  uses_.resize(expected);
 }
 
 void PackedTable::grow() {
@@ -263,11 +260,9 @@ void PackedTable::insert_batch(const uint64_t* keys, int count, int32_t* out) {
     const std::size_t want = std::max<std::size_t>(2 * keys_.size(), static_cast<std::size_t>(count_) + count);
     if (want > static_cast<std::size_t>(INT32_MAX)) throw InvalidArgument("lattice: too many lattice points");
     keys_.resize(want);
-    uses_.resize(want);
   }
   Slot* const slots = slots_.data();
   uint64_t* const kstore = keys_.data();
-  int32_t* const uses = uses_.data();
   const std::size_t mask = slots_.size() - 1;
   const int sh = shift_;
   std::size_t home[64];
@@ -286,7 +281,6 @@ void PackedTable::insert_batch(const uint64_t* keys, int count, int32_t* out) {
         const uint64_t k = slots[s].key;
         if (k == key) {
           idx = slots[s].index;
-          ++uses[idx];
           break;
         }
         if (k == 0) {
@@ -294,7 +288,6 @@ void PackedTable::insert_batch(const uint64_t* keys, int count, int32_t* out) {
           slots[s].key = key;
           slots[s].index = idx;
           kstore[idx] = key;
-          uses[idx] = 1;
           break;
         }
         s = (s + 1) & mask;
@@ -317,13 +310,12 @@ int32_t PackedTable::find(uint64_t key) const {
 }
 
 std::size_t PackedTable::memory_bytes() const {
-  return slots_.capacity() * sizeof(Slot) + keys_.capacity() * sizeof(uint64_t) + uses_.capacity() * sizeof(int32_t);
+  return slots_.capacity() * sizeof(Slot) + keys_.capacity() * sizeof(uint64_t);
 }
 
 void PackedTable::release() {
   std::vector<Slot>().swap(slots_);
   std::vector<uint64_t>().swap(keys_);
-  std::vector<int32_t>().swap(uses_);
   count_ = 0;
 }
 
@@ -353,27 +345,11 @@ struct PackedKeys {
   bool fits(int32_t max_abs_rem0) const { return max_abs_rem0 <= limit; }
   uint64_t field(int i, uint64_t v) const { return v << (bits * i); }
 
-  // Vertex r has coordinates rem0_i + r - (d+1)[rank_i > d-r]; going from r to r+1 adds 1 to every
-  // coordinate and subtracts d+1 from the one whose rank is d-r. Inserts the vertices of the nb points
-  // of a block (point order, then r), writing local indices to out and counting uses per index.
-  void insert_block(Table& tab, const int32_t* rem0, const int32_t* rank, int nb, int32_t* out) const {
-    uint64_t kb[L * (kMaxDim + 1)];
-    const int dp1 = d + 1;
-    for (int l = 0; l < nb; ++l) {
-      uint64_t key = 0;
-      int inv[kMaxDim + 1];
-      for (int i = 0; i < d; ++i) key |= field(i, static_cast<uint64_t>(rem0[i * L + l] + bias));
-      for (int i = 0; i <= d; ++i) inv[rank[i * L + l]] = i;
-      uint64_t* kl = kb + l * dp1;
-      kl[0] = key;
-      for (int r = 0; r < d; ++r) {
-        const int i = inv[d - r];
-        key += ones;
-        if (i < d) key -= field(i, static_cast<uint64_t>(d + 1));
-        kl[r + 1] = key;
-      }
-    }
-    tab.insert_batch(kb, nb * dp1, out);
+  int key_bits() const { return bits; }
+  // Inserts the vertices of a block's nb points (point order, then r); keys come from the embedding
+  // kernel. Writes local indices to out.
+  void insert_block(Table& tab, const int32_t*, const int32_t*, const uint64_t* keys, int nb, int32_t* out) const {
+    tab.insert_batch(keys, nb * (d + 1), out);
   }
   // Neighbour n1 of lattice point m along axis j: k - 1 everywhere, k_j + d at j (j < d).
   int32_t find_n1(const Table& g, int32_t m, int j) const {
@@ -396,18 +372,14 @@ struct GenericKeys {
   explicit GenericKeys(int dim) : d(dim) {}
   void reset(Table& t, std::size_t expected) const { t.reset(d, expected); }
   bool fits(int32_t) const { return true; }
-  void insert_block(Table& tab, const int32_t* rem0, const int32_t* rank, int nb, int32_t* out) const {
+  int key_bits() const { return 0; }
+  void insert_block(Table& tab, const int32_t* rem0, const int32_t* rank, const uint64_t*, int nb,
+                    int32_t* out) const {
     int32_t key[kMaxDim];
-    std::vector<int32_t>& counts = tab.uses();
     for (int l = 0; l < nb; ++l)
       for (int r = 0; r <= d; ++r) {
         for (int i = 0; i < d; ++i) key[i] = rem0[i * L + l] + (rank[i * L + l] <= d - r ? r : r - (d + 1));
-        const int32_t idx = tab.find_or_insert(key, hash_key(key, d));
-        *out++ = idx;
-        if (idx == static_cast<int32_t>(counts.size()))
-          counts.push_back(1);
-        else
-          ++counts[idx];
+        *out++ = tab.find_or_insert(key, hash_key(key, d));
       }
   }
   int32_t find_n1(const Table& g, int32_t m, int j) const {
@@ -526,7 +498,7 @@ bool Lattice::build_with(const FeatureSource& src, int nt, bool sse_pad, Keys& k
     const double inv_std = std::sqrt(2.0 / 3.0) * (d + 1);
     for (int i = 0; i < d; ++i) scale[i] = static_cast<float>(inv_std / std::sqrt(static_cast<double>(i + 1) * (i + 2)));
   }
-  const detail::EmbedFn embed = detail::embed_kernel();
+  const detail::EmbedFn embed = detail::embed_kernel(d);
 
   auto t0 = Clock::now();
   bary_.resize(static_cast<std::size_t>(n) * dp1);
@@ -545,18 +517,19 @@ bool Lattice::build_with(const FeatureSource& src, int nt, bool sse_pad, Keys& k
   const bool pad = sse_pad && (n % 4) != 0;
 
   // Phase A: embed blocks of points (SIMD) and insert their simplex vertices into a per-chunk table,
-  // numbered in first-insertion order inside the chunk; count the uses of every lattice point.
+  // numbered in first-insertion order inside the chunk.
   std::atomic<bool> bad_feature{false}, out_of_range{false};
   parallel_each(nt, [&](int t) {
     Table& tab = tables[t];
     keys.reset(tab, std::max<std::size_t>(guess, 64));
     alignas(64) float f[kMaxDim * L];
-    alignas(64) float b[(kMaxDim + 1) * L];
     alignas(64) int32_t rem0[(kMaxDim + 1) * L], rank[(kMaxDim + 1) * L];
+    alignas(64) uint64_t kb[(kMaxDim + 1) * L];
+    const int key_bits = keys.key_bits();
     for (int64_t p0 = chunk_[t]; p0 < chunk_[t + 1]; p0 += L) {
       const int nb = static_cast<int>(std::min<int64_t>(L, chunk_[t + 1] - p0));
       features.fill(p0, nb, f);
-      const int32_t mx = embed(d, scale, f, rem0, rank, b);
+      const int32_t mx = embed(d, scale, f, nb, rem0, rank, bary_.data() + p0 * dp1, key_bits, kb);
       if (mx < 0) {
         bad_feature.store(true);
         return;
@@ -565,17 +538,15 @@ bool Lattice::build_with(const FeatureSource& src, int nt, bool sse_pad, Keys& k
         out_of_range.store(true);
         return;
       }
-      float* bp = bary_.data() + p0 * dp1;
-      for (int l = 0; l < nb; ++l)
-        for (int r = 0; r < dp1; ++r) bp[l * dp1 + r] = b[r * L + l];
-      keys.insert_block(tab, rem0, rank, nb, offset_.data() + p0 * dp1);
+      keys.insert_block(tab, rem0, rank, kb, nb, offset_.data() + p0 * dp1);
     }
     if (pad && t == nt - 1) {
       // The original's padding lanes: vertices of the all-zero feature vector, inserted last.
       for (int i = 0; i < d * L; ++i) f[i] = 0.f;
-      embed(d, scale, f, rem0, rank, b);
+      float b[kMaxDim + 1];
+      embed(d, scale, f, 1, rem0, rank, b, key_bits, kb);
       int32_t dummy[kMaxDim + 1];
-      keys.insert_block(tab, rem0, rank, 1, dummy);  // (use counts only balance the splat)
+      keys.insert_block(tab, rem0, rank, kb, 1, dummy);
     }
   });
   if (bad_feature.load())
@@ -585,11 +556,9 @@ bool Lattice::build_with(const FeatureSource& src, int nt, bool sse_pad, Keys& k
   if (out_of_range.load()) return false;
   add_time(kTEmbed, t0);
 
-  // Merge the chunk tables in chunk order: global first-insertion order over all points. Sum the
-  // use counts into prefix sums (they balance the splat between threads).
+  // Merge the chunk tables in chunk order: global first-insertion order over all points.
   t0 = Clock::now();
   Table& g = tables[0];
-  counts_.assign(g.uses().begin(), g.uses().begin() + g.size());
   for (int t = 1; t < nt; ++t) {
     const Table& tab = tables[t];
     std::vector<int32_t>& map = remap_[t];
@@ -598,21 +567,7 @@ bool Lattice::build_with(const FeatureSource& src, int nt, bool sse_pad, Keys& k
   }
   m_ = g.size();
   const int32_t M = m_;
-  counts_.resize(M, 0);
-  for (int t = 1; t < nt; ++t) {
-    const std::vector<int32_t>& ut = tables[t].uses();
-    const std::vector<int32_t>& map = remap_[t];
-    for (std::size_t i = 0; i < map.size(); ++i) counts_[map[i]] += ut[i];
-  }
-  cum_.resize(static_cast<std::size_t>(M) + 1);
-  {
-    int64_t pos = 0;
-    for (int32_t m = 0; m < M; ++m) {
-      cum_[m] = pos;
-      pos += counts_[m];
-    }
-    cum_[M] = pos;
-  }
+  cum_valid_ = false;
   neigh_.assign(static_cast<std::size_t>(dp1) * M * 2, 0);
   add_time(kTMerge, t0);
 
@@ -679,6 +634,20 @@ void Lattice::filter(const float* in, float* out, int k, Layout layout, const fl
   const float* omask = mask_output ? mask : nullptr;
   Timers& tm = timers();
   const bool timing = tm.enabled.load(std::memory_order_relaxed);
+  if (nt > 1 && !cum_valid_) {
+    // Splat balance: vertex uses per lattice point, counted on every 4th point (plenty for balancing).
+    counts_.assign(M, 0);
+    for (int64_t p = 0; p < n; p += 4)
+      for (int r = 0; r < dp1; ++r) ++counts_[offset_[p * dp1 + r] - 1];
+    cum_.resize(static_cast<std::size_t>(M) + 1);
+    int64_t pos = 0;
+    for (int32_t m = 0; m < M; ++m) {
+      cum_[m] = pos;
+      pos += counts_[m];
+    }
+    cum_[M] = pos;
+    cum_valid_ = true;
+  }
   // Small blurs run on one thread: not worth d+1 barriers (which hurt a lot on a busy machine).
   const bool serial_blur = static_cast<int64_t>(M) * kp * dp1 <= (int64_t{1} << 22);
   std::atomic<bool> finite{true};
@@ -882,15 +851,31 @@ void run_batch(int64_t b, int num_threads, F&& work) {
 
 }  // namespace
 
+void caffe_roi_mask(const float* image, int c, int64_t n, float* mask) {
+  for (int64_t p = 0; p < n; ++p) mask[p] = 0.f;
+  for (int ch = 0; ch < c; ++ch) {
+    const float* src = image + ch * n;
+    // (int)v != 0  <=>  |v| >= 1 (truncation toward zero); NaN counts as inside.
+    for (int64_t p = 0; p < n; ++p) mask[p] = (mask[p] != 0.f || !(std::fabs(src[p]) < 1.f)) ? 1.f : 0.f;
+  }
+}
+
 void filter_image_batch(const float* image, int64_t b, int c, int64_t h, int64_t w, const float* values, int k,
                         float* out, float sigma_xy, float sigma_rgb, const float* mask, bool mask_output,
-                        int num_threads, bool sse_pad) {
+                        int num_threads, bool sse_pad, bool roi_from_image) {
   const int64_t n = h * w;
   run_batch(b, num_threads, [&](int64_t i, Lattice& lat, int threads) {
-    const FeatureSource src = FeatureSource::from_image(image + i * c * n, c, h, w, sigma_xy, sigma_rgb);
+    const float* img = image + i * c * n;
+    const FeatureSource src = FeatureSource::from_image(img, c, h, w, sigma_xy, sigma_rgb);
     lat.build(src, threads, sse_pad);
-    lat.filter(values + i * k * n, out + i * k * n, k, Layout::kPlanar, mask ? mask + i * n : nullptr,
-               mask_output, threads);
+    const float* mk = mask ? mask + i * n : nullptr;
+    thread_local std::vector<float> roi;
+    if (roi_from_image) {
+      roi.resize(static_cast<std::size_t>(n));
+      caffe_roi_mask(img, c, n, roi.data());
+      mk = roi.data();
+    }
+    lat.filter(values + i * k * n, out + i * k * n, k, Layout::kPlanar, mk, mask_output, threads);
   });
 }
 

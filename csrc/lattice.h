@@ -12,6 +12,7 @@
 #pragma once
 
 #include <atomic>
+#include <mutex>
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>
@@ -68,13 +69,11 @@ class KeyTable {
   int32_t size() const { return count_; }
   const int32_t* key(int32_t i) const { return keys_.data() + static_cast<std::size_t>(i) * key_len_; }
   uint64_t hash(int32_t i) const { return hashes_[static_cast<std::size_t>(i)]; }
-  std::vector<int32_t>& uses() { return uses_; }  // maintained by the caller (see GenericKeys)
   std::size_t memory_bytes() const;
   void release();
 
  private:
   void grow();
-  std::vector<int32_t> uses_;
   struct Slot {
     uint32_t tag;
     int32_t index;  // -1 = empty
@@ -94,11 +93,8 @@ class PackedTable {
   void reset(std::size_t expected);
   int32_t find_or_insert(uint64_t key);
   int32_t find(uint64_t key) const;  // -1 when absent
-  // Finds or inserts keys[0..count) in order (first slots prefetched first), writes their indices to
-  // out and counts the uses of every index (uses()).
+  // Finds or inserts keys[0..count) in order (first slots prefetched first), writes their indices to out.
   void insert_batch(const uint64_t* keys, int count, int32_t* out);
-  const std::vector<int32_t>& uses() const { return uses_; }
-  std::vector<int32_t>& uses() { return uses_; }
   int32_t size() const { return count_; }
   uint64_t key(int32_t i) const { return keys_[static_cast<std::size_t>(i)]; }
   std::size_t memory_bytes() const;
@@ -115,7 +111,6 @@ class PackedTable {
   int shift_ = 64;
   std::vector<Slot> slots_;
   std::vector<uint64_t> keys_;
-  std::vector<int32_t> uses_;
 };
 
 // Layout of value arrays handed to filter(): pixel-major (N, K) or planar (K, N).
@@ -145,6 +140,8 @@ class Lattice {
   bool packed_keys() const { return packed_; }
   std::size_t memory_bytes() const;
   void release();  // frees all buffers (the object can be rebuilt afterwards)
+  // A lattice is not safe for concurrent use; the Python bindings hold this lock around calls.
+  std::mutex& mutex() { return mu_; }
 
   // Read-only views, for tests.
   const std::vector<int32_t>& offsets() const { return offset_; }  // N*(d+1) slots (index + 1)
@@ -155,6 +152,7 @@ class Lattice {
   template <class Keys>
   bool build_with(const FeatureSource& src, int nt, bool sse_pad, Keys& keys);
 
+  std::mutex mu_;
   int d_ = 0;
   int64_t n_ = 0;
   int32_t m_ = 0;
@@ -163,11 +161,12 @@ class Lattice {
   std::vector<float> bary_;           // N x (d+1)
   std::vector<int32_t> offset_;       // N x (d+1): slot = lattice index + 1 (slot 0 = zero row)
   std::vector<int32_t> neigh_;        // (d+1) x M x 2 slots
-  std::vector<int64_t> cum_;          // M+1: splat contributions before lattice point m
+  std::vector<int64_t> cum_;          // M+1: (sampled) splat contributions before lattice point m
+  bool cum_valid_ = false;            // cum_ belongs to the current build
   std::vector<PackedTable> ptables_;  // per-thread tables during build; [0] is the lattice's
   std::vector<KeyTable> gtables_;     // same for the generic int32 keys
   std::vector<std::vector<int32_t>> remap_;  // per thread: local index -> global index
-  std::vector<int32_t> counts_;       // splat contributions per lattice point
+  std::vector<int32_t> counts_;       // scratch for cum_
   std::vector<int64_t> chunk_;        // pixel chunk boundaries of the build
   // filter buffers (reused between calls)
   std::vector<float> v0_, v1_;        // (M+1) x Kp
@@ -176,9 +175,14 @@ class Lattice {
 
 // Batched bilateral / spatial filtering of B images: image (B, C, H, W), values (B, K, H, W),
 // out (B, K, H, W), optional mask (B, H, W). Parallel over images and inside images.
+// roi_from_image: use the DenseCRFLoss ROI mask of each image (caffe_roi_mask) instead of `mask`.
 void filter_image_batch(const float* image, int64_t b, int c, int64_t h, int64_t w, const float* values,
                         int k, float* out, float sigma_xy, float sigma_rgb, const float* mask,
-                        bool mask_output, int num_threads, bool sse_pad);
+                        bool mask_output, int num_threads, bool sse_pad, bool roi_from_image = false);
+
+// Spec 2.15 step 1: mask[p] = 0 when every channel of the mean-subtracted image truncates to 0
+// (|v| < 1), else 1. image (C, N) planar.
+void caffe_roi_mask(const float* image, int c, int64_t n, float* mask);
 
 // Same for explicit features: features (B, N, d), values/out (B, K, N) planar.
 void filter_feature_batch(const float* features, int64_t b, int64_t n, int d, const float* values, int k,

@@ -1,3 +1,7 @@
 """rloss: Caffe-faithful training of segmentation CNNs from scribbles with regularized losses, on PyTorch."""
 
 __version__ = "0.1.0"
+
+from rloss.losses import DenseCRFLoss  # noqa: E402
+
+__all__ = ["DenseCRFLoss", "__version__"]

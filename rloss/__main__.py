@@ -149,6 +149,21 @@ class Evaluation:
         values = dims.reshape(count, 2).to(torch.int64).tolist()
         return [(int(h), int(w)) for h, w in values]
 
+    def metrics(self) -> dict:
+        """The run's metrics from the accumulated confusion matrix (NaN class IoUs as None)."""
+        m = self.matrix
+        return {
+            "pixel_accuracy": float(pixel_accuracy(m)), "mean_accuracy": float(mean_class_accuracy(m)),
+            "mean_iou": float(mean_iou(m)), "mean_iou_caffe": float(mean_iou_caffe(m)),
+            "class_iou": [None if np.isnan(v) else float(v) for v in class_iou(m).tolist()],
+            "samples": self.samples, "labelled_pixels": int(m.sum()),
+        }
+
+    def write_json(self, path: str) -> None:
+        import json
+
+        Path(path).write_text(json.dumps(self.metrics(), indent=1) + "\n")
+
     def report(self, iterations: int) -> None:
         if self.matrix is None:
             return
@@ -211,6 +226,8 @@ def test(args: argparse.Namespace) -> None:
     if not evaluation.active:
         log.info("No SegAccuracy layer and no --score_blob: no confusion-matrix summary")
     evaluation.report(args.iterations)
+    if args.metrics_json:
+        evaluation.write_json(args.metrics_json)
     if evaluation.output_dir is not None:
         log.info("Wrote %d predictions to %s", evaluation.samples, evaluation.output_dir)
 
@@ -361,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     test_parser.add_argument("--weights", "-weights", default="", help=".caffemodel to score (required)")
     test_parser.add_argument("--output_dir", "-output_dir", default="",
                              help="write the predicted label maps there as VOC-palette PNGs")
+    test_parser.add_argument("--metrics_json", "-metrics_json", default="",
+                             help="also write the metrics (pixel accuracy, mean IoU, ...) to this JSON file")
     test_parser.add_argument("--score_blob", "-score_blob", default="",
                              help="blob whose channel argmax is the prediction (default: SegAccuracy's scores)")
     time_parser = commands.add_parser("time", help="per-layer forward/backward timing")

@@ -13,7 +13,7 @@ filter divide by `A 1` themselves (as DenseCRF inference does).
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ try:
     from rloss import _lattice as _ext
 except ImportError as _import_error:  # pragma: no cover - only without a built extension
     _ext = None
-    _IMPORT_ERROR: Optional[ImportError] = _import_error
+    _IMPORT_ERROR: ImportError | None = _import_error
 else:
     _IMPORT_ERROR = None
 
@@ -56,7 +56,7 @@ def extension() -> Any:
     return _ext
 
 
-def _threads(num_threads: Optional[int]) -> int:
+def _threads(num_threads: int | None) -> int:
     n = torch.get_num_threads() if num_threads is None else int(num_threads)
     if n < 1:
         raise LatticeError(f"num_threads must be >= 1, got {num_threads}")
@@ -126,7 +126,7 @@ def _check_memory(points: int, dim: int, channels: int, images_at_once: int) -> 
         )
 
 
-def _available_memory() -> Optional[int]:
+def _available_memory() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -154,7 +154,7 @@ class Permutohedral:
     that the original repeated for every channel's pass.
     """
 
-    def __init__(self, features: Array, num_threads: Optional[int] = None, sse_pad: bool = True) -> None:
+    def __init__(self, features: Array, num_threads: int | None = None, sse_pad: bool = True) -> None:
         fshape = _shape(features, "features")
         if len(fshape) != 2:
             raise LatticeError(f"features must have shape (N, d), got {fshape}")
@@ -182,7 +182,7 @@ class Permutohedral:
         """Number of lattice points M (vertices of the simplices that enclose the features)."""
         return int(self._lattice.lattice_size)
 
-    def filter(self, values: Array, num_threads: Optional[int] = None) -> Array:
+    def filter(self, values: Array, num_threads: int | None = None) -> Array:
         """A @ values for values of shape (N, K) (or (N,), treated as K = 1); same type as the input."""
         v = _as_numpy(values, "values")
         squeeze = v.ndim == 1
@@ -225,8 +225,7 @@ def _check_batch(image_shape: tuple[int, ...], values_shape: tuple[int, ...]) ->
         raise LatticeError(f"empty input: image {image_shape}, values {values_shape} (all sizes must be >= 1)")
     if values_shape[0] != b or values_shape[2:] != (h, w):
         raise LatticeError(
-            f"values {values_shape} do not match image {image_shape}: need (B, K, H, W) with the "
-            "image's B, H and W"
+            f"values {values_shape} do not match image {image_shape}: need (B, K, H, W) with the image's B, H and W"
         )
     if c + 2 > 32:
         raise LatticeError(f"image has {c} channels; at most 30 are supported")
@@ -237,20 +236,23 @@ def bilateral_filter(
     values: Array,
     sigma_rgb: float,
     sigma_xy: float,
-    mask: Optional[Array] = None,
+    mask: Array | None = None,
     mask_output: bool = False,
-    num_threads: Optional[int] = None,
-    out: Optional[Array] = None,
+    num_threads: int | None = None,
+    out: Array | None = None,
     sse_pad: bool = True,
+    roi_from_image: bool = False,
 ) -> Array:
     """Bilateral lattice filter of a batch: image (B, C, H, W), values (B, K, H, W) -> (B, K, H, W).
 
     Features are (x/sigma_xy, y/sigma_xy, c_0/sigma_rgb, ..., c_{C-1}/sigma_rgb) with x the column
     and y the row (spec 2.15 step 2; the colour order is whatever `image` holds). One lattice per
     image filters all K channels at once. `mask` (B, H, W), when given, multiplies the values before
-    filtering (the DenseCRF loss's S * m) and, with `mask_output`, the result too. `out` may be a
-    preallocated (B, K, H, W) float32 buffer. `sse_pad` reproduces the original SSE build's extra
-    lattice points for N % 4 != 0 (effect ~1e-7 relative).
+    filtering (the DenseCRF loss's S * m) and, with `mask_output`, the result too; `roi_from_image`
+    uses `caffe_roi_mask(image)` as that mask, computed on the fly in C++ (cheaper than a tensor).
+    `out` may be a preallocated (B, K, H, W) float32 buffer. `sse_pad` reproduces the original SSE
+    build's extra lattice points when H*W % 4 != 0 (they act as blur relays near the feature origin;
+    on the golden cases leaving them out changes the gradient by up to 1%).
     """
     ishape, vshape = _shape(image, "image"), _shape(values, "values")
     _check_batch(ishape, vshape)
@@ -264,6 +266,8 @@ def bilateral_filter(
     val = _as_numpy(values, "values")
     _check_finite(img, "image")
     mk = None
+    if mask is not None and roi_from_image:
+        raise LatticeError("give either mask or roi_from_image, not both")
     if mask is not None:
         mk = _as_numpy(mask, "mask")
         if mk.shape != (b, h, w):
@@ -289,15 +293,14 @@ def bilateral_filter(
         num_threads=threads,
         sse_pad=sse_pad,
         out=out_np,
+        roi_from_image=roi_from_image,
     )
     if out is not None:
         return out
     return _wrap_like(res, values)
 
 
-def spatial_filter(
-    values: Array, sigma_xy: float, num_threads: Optional[int] = None, sse_pad: bool = True
-) -> Array:
+def spatial_filter(values: Array, sigma_xy: float, num_threads: int | None = None, sse_pad: bool = True) -> Array:
     """Lattice filter with 2-D features (x/sigma_xy, y/sigma_xy) only (DenseCRF's Gaussian kernel).
 
     values (B, K, H, W) -> (B, K, H, W); same lattice for all images of the batch shape.

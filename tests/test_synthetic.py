@@ -33,7 +33,7 @@ def test_same_seed_same_files_other_seed_other_files(dataset, tmp_path):
 
 
 def test_lists_name_existing_files(dataset):
-    lines = {name: (dataset.root / name).read_text().splitlines()
+    lines = {name: (dataset.root / "list" / name).read_text().splitlines()
              for name in ("train.txt", "train_full.txt", "val.txt", "train_id.txt", "val_id.txt")}
     assert len(lines["train.txt"]) == len(lines["train_full.txt"]) == len(lines["train_id.txt"]) == 16
     assert len(lines["val.txt"]) == len(lines["val_id.txt"]) == 4
@@ -41,11 +41,11 @@ def test_lists_name_existing_files(dataset):
         for line in lines[name]:
             image, label = line.split()
             assert (dataset.root / image).is_file() and (dataset.root / label).is_file()
-    assert (dataset.root / "classes.txt").read_text().splitlines()[0] == "background"
+    assert (dataset.root / "classes.txt").read_text().splitlines()[0] == "0 background"
 
 
 def _pairs(dataset):
-    for image_id in (dataset.root / "train_id.txt").read_text().split():
+    for image_id in (dataset.root / "list" / "train_id.txt").read_text().split():
         truth = Image.open(dataset.root / "SegmentationClass" / f"{image_id}.png")
         scribbles = Image.open(dataset.root / "scribbles" / f"{image_id}.png")
         assert truth.mode == scribbles.mode == "L"  # plain grey index PNGs, read the same by Caffe
@@ -70,7 +70,7 @@ def test_scribbles_are_sparse_and_agree_with_the_ground_truth(dataset):
 def test_files_load_through_image_seg_data(dataset):
     for source, full in (("train.txt", False), ("train_full.txt", True), ("val.txt", True)):
         text = (f'name: "data" type: "ImageSegData" top: "data" top: "label" '
-                f'image_data_param {{ source: "{dataset.root / source}" root_folder: "{dataset.root}/" '
+                f'image_data_param {{ source: "{dataset.root / "list" / source}" root_folder: "{dataset.root}/" '
                 f"batch_size: 4 label_type: PIXEL shuffle: true }} "
                 f"transform_param {{ mean_value: 104.008 mean_value: 116.669 mean_value: 122.675 "
                 f"crop_size: 64 mirror: true }}")

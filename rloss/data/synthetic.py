@@ -9,9 +9,11 @@ scribbled, as in the PASCAL scribbles.
 
 The tree is laid out for ImageSegData (`root_folder` = the dataset folder):
 `images/<id>.png`, `SegmentationClass/<id>.png` and `scribbles/<id>.png` (8-bit grey PNGs holding
-class indices, 0 = background), list files `train.txt` (image + scribbles), `train_full.txt`
-(image + full ground truth), `val.txt` (image + ground truth), `train_id.txt`, `val_id.txt` and
-`classes.txt`. Everything is a function of the seed. Images are PNG so that the files do not depend
+class indices, 0 = background), list files under `list/` as in the PASCAL and MSRC-21 trees:
+`train.txt` (image + scribbles), `train_full.txt` (image + full ground truth), `val.txt` (image +
+ground truth), `train_id.txt`, `val_id.txt`; and `classes.txt`.
+
+Command line: `python -m rloss.data.synthetic OUT_DIR [--train N] [--val N] [--size S] [--classes C]`. Everything is a function of the seed. Images are PNG so that the files do not depend
 on a JPEG encoder's version.
 """
 
@@ -172,14 +174,37 @@ def write_dataset(root: str | Path, train: int = 40, val: int = 10, height: int 
             _save(image, root / "images" / f"{name}.png")
             _save(truth, root / "SegmentationClass" / f"{name}.png")
             _save(scribbles, root / "scribbles" / f"{name}.png")
+    (root / "list").mkdir(exist_ok=True)
     lists = {
         "train.txt": [f"images/{n}.png scribbles/{n}.png" for n in ids["train"]],
         "train_full.txt": [f"images/{n}.png SegmentationClass/{n}.png" for n in ids["train"]],
         "val.txt": [f"images/{n}.png SegmentationClass/{n}.png" for n in ids["val"]],
         "train_id.txt": ids["train"],
         "val_id.txt": ids["val"],
-        "classes.txt": ["background"] + [f"{SHAPES[(c - 1) % len(SHAPES)]}_{c}" for c in range(1, num_classes)],
     }
     for name, lines in lists.items():
-        (root / name).write_text("".join(line + "\n" for line in lines))
-    return SyntheticDataset(root, root / "train.txt", root / "train_full.txt", root / "val.txt", num_classes)
+        (root / "list" / name).write_text("".join(line + "\n" for line in lines))
+    classes = ["background"] + [f"{SHAPES[(c - 1) % len(SHAPES)]}_{c}" for c in range(1, num_classes)]
+    (root / "classes.txt").write_text("".join(f"{i} {name}\n" for i, name in enumerate(classes)))
+    listed = root / "list"
+    return SyntheticDataset(root, listed / "train.txt", listed / "train_full.txt", listed / "val.txt", num_classes)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m rloss.data.synthetic",
+                                     description="Write a small synthetic scribble dataset (ImageSegData layout).")
+    parser.add_argument("out_dir")
+    parser.add_argument("--train", type=int, default=40, help="training images (default 40)")
+    parser.add_argument("--val", type=int, default=10, help="validation images (default 10)")
+    parser.add_argument("--size", type=int, default=64, help="image height and width (default 64)")
+    parser.add_argument("--classes", type=int, default=4, help="classes including the background (default 4)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    dataset = write_dataset(args.out_dir, args.train, args.val, args.size, args.size, args.classes, args.seed)
+    print(f"wrote {args.train} train and {args.val} val images with {dataset.num_classes} classes to {dataset.root}")
+
+
+if __name__ == "__main__":
+    main()

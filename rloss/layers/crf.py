@@ -1,1 +1,209 @@
-"""(being written)"""
+"""DenseCRF layers: the regularised loss `DenseCRFLoss` (spec 2.15) and mean-field inference `DenseCRF`
+(spec 2.16), both on the fork's permutohedral lattice (`rloss.lattice`)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rloss.errors import LatticeError
+from rloss.lattice import Permutohedral, caffe_roi_mask
+from rloss.layers.base import Layer, Shape
+from rloss.layers.registry import register_layer
+from rloss.losses import densecrf_loss
+
+log = logging.getLogger("rloss")
+FLT_MIN = float(np.finfo(np.float32).tiny)
+
+
+def _positive(layer: Layer, name: str, value: float) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise layer.error(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
+@register_layer("DenseCRFLoss")
+class DenseCRFLoss(Layer):
+    """-(1/N) sum_n sum_c <m S_c, A(m S_c)> over bottoms [image (N,3,H,W) mean-subtracted BGR,
+    segmentation S (N,C,H,W)]; top (1,1,1,1). m is the fork's mask (pixels whose three channels
+    truncate to 0 are padding) and A the unnormalised bilateral lattice filter with features
+    (x/bi_xy_std, y/bi_xy_std, B/bi_rgb_std, G/bi_rgb_std, R/bi_rgb_std).
+
+    Backward is the fork's -(2/N) A(m S) m, not autograd's (spec 2.15); no gradient reaches the image.
+    Like the fork the layer has no default loss weight. Unlike the fork, which froze N, H, W at set-up
+    and never compared the two bottoms, N is read from the bottoms at every forward and the image and
+    the segmentation must agree in N, H and W.
+    """
+
+    bottoms = (2, 2)
+    tops = (0, 1)
+    auto_tops = 1
+    default_loss_weight = 0.0
+    no_gradient_bottoms = (0,)
+
+    def setup(self, bottom_shapes: list[Shape]) -> None:
+        param = self.param.densecrf_loss_param
+        self.sigma_xy = _positive(self, "densecrf_loss_param.bi_xy_std", param.bi_xy_std)
+        self.sigma_rgb = _positive(self, "densecrf_loss_param.bi_rgb_std", param.bi_rgb_std)
+        if self.param.propagate_down and self.param.propagate_down[0]:
+            raise self.error(
+                "back-propagating into the image is not supported; set propagate_down: false, true"
+            )
+        if not self.param.loss_weight:
+            log.warning(
+                "layer '%s' (type DenseCRFLoss) has no loss_weight: it contributes nothing to the objective "
+                "and gets no gradient (this layer has no default loss weight, as in the fork)",
+                self.name,
+            )
+
+    def reshape(self, bottom_shapes: list[Shape]) -> list[Shape]:
+        self._check_shapes(bottom_shapes[0], bottom_shapes[1])
+        return [(1, 1, 1, 1)]
+
+    def _check_shapes(self, image: Shape, segmentation: Shape) -> None:
+        if len(image) != 4 or image[1] != 3:
+            raise self.error(f"bottom 0 (the image) must have shape (N, 3, H, W), got {image}")
+        if len(segmentation) != 4:
+            raise self.error(f"bottom 1 (the segmentation) must have shape (N, C, H, W), got {segmentation}")
+        if (image[0], image[2], image[3]) != (segmentation[0], segmentation[2], segmentation[3]):
+            raise self.error(
+                f"the image {image} and the segmentation {segmentation} must agree in N, H and W"
+            )
+
+    def forward(self, image: torch.Tensor, segmentation: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
+        self._check_shapes(tuple(image.shape), tuple(segmentation.shape))
+        mask = caffe_roi_mask(image)
+        loss = densecrf_loss(image, segmentation, mask, self.sigma_rgb, self.sigma_xy, self.error)
+        return [loss.reshape(1, 1, 1, 1)]
+
+
+@dataclass(frozen=True)
+class _Kernel:
+    """One Potts potential: weight w and its features' standard deviations (sigma_rgb None = spatial)."""
+
+    weight: float
+    sigma_xy: float
+    sigma_rgb: float | None
+
+
+@register_layer("DenseCRF")
+class DenseCRF(Layer):
+    """Mean-field inference of a fully connected CRF (spec 2.16) over bottoms [unary scores (N,M,Hp,Wp),
+    data_dim (N,1,1,2) = (height, width) of each image, optional image (N,3,Hp,Wp) mean-subtracted BGR].
+
+    Per image, on its top-left min(Hp, height) x min(Wp, width) region: Q = softmax(score), then
+    max_iter times Q = softmax(score + sum_k w_k nu_k A_k(Q)) with Potts kernels A_k (Gaussian on
+    (x, y)/pos_xy_std, bilateral on ((x, y)/bi_xy_std, (B, G, R)/bi_rgb_std)) and nu_k = 1/(A_k 1 + 1e-20).
+    Output Q, or log(max(Q, FLT_MIN)) with output_probability false, inside the region and 0 outside.
+    Differences from the fork: exp is exact (the fork's fast approximation is exactly 0 below -20, so
+    tiny probabilities differ); the image is indexed per batch item (the fork used image 0 for every
+    item: identical for batch 1); a region side larger than the scores is clipped (the fork read out
+    of bounds). No gradient (the fork's backward does nothing).
+    """
+
+    bottoms = (2, 3)
+    tops = (1, 1)
+    no_gradient_bottoms = (0, 1, 2)
+
+    def setup(self, bottom_shapes: list[Shape]) -> None:
+        param = self.param.dense_crf_param
+        if param.max_iter < 0:
+            raise self.error(f"dense_crf_param.max_iter must be >= 0, got {param.max_iter}")
+        self.max_iter = int(param.max_iter)
+        self.output_probability = bool(param.output_probability)
+        self.kernels = self._spatial_kernels(param) + self._bilateral_kernels(param)
+        if any(k.sigma_rgb is not None for k in self.kernels) and len(bottom_shapes) < 3:
+            raise self.error("bilateral kernels (bi_w) need the image as bottom 2; the prototxt gives 2 bottoms")
+
+    def _spatial_kernels(self, param) -> list[_Kernel]:
+        self._equal_lengths(pos_w=param.pos_w, pos_xy_std=param.pos_xy_std)
+        return [
+            _Kernel(self._weight("pos_w", w), _positive(self, "pos_xy_std", s), None)
+            for w, s in zip(param.pos_w, param.pos_xy_std)
+        ]
+
+    def _bilateral_kernels(self, param) -> list[_Kernel]:
+        self._equal_lengths(bi_w=param.bi_w, bi_xy_std=param.bi_xy_std, bi_rgb_std=param.bi_rgb_std)
+        return [
+            _Kernel(self._weight("bi_w", w), _positive(self, "bi_xy_std", s), _positive(self, "bi_rgb_std", r))
+            for w, s, r in zip(param.bi_w, param.bi_xy_std, param.bi_rgb_std)
+        ]
+
+    def _equal_lengths(self, **fields) -> None:
+        lengths = {name: len(values) for name, values in fields.items()}
+        if len(set(lengths.values())) > 1:
+            raise self.error(f"dense_crf_param needs as many values of each of {lengths} (one per kernel)")
+
+    def _weight(self, name: str, value: float) -> float:
+        if not math.isfinite(value):
+            raise self.error(f"{name} must be finite, got {value}")
+        return float(value)
+
+    def reshape(self, bottom_shapes: list[Shape]) -> list[Shape]:
+        scores = bottom_shapes[0]
+        self.check_axes(bottom_shapes, 0, 4)
+        dims = bottom_shapes[1]
+        if not dims or dims[0] != scores[0] or math.prod(dims[1:]) != 2:
+            raise self.error(f"bottom 1 (data_dim) must be (N, 1, 1, 2) with the scores' N, got {dims} for {scores}")
+        if len(bottom_shapes) == 3:
+            image = bottom_shapes[2]
+            if len(image) != 4 or image[1] != 3 or (image[0], *image[2:]) != (scores[0], *scores[2:]):
+                raise self.error(f"bottom 2 (the image) must be (N, 3, Hp, Wp) = ({scores[0]}, 3, "
+                                 f"{scores[2]}, {scores[3]}) like the scores {scores}, got {image}")
+        return [scores]
+
+    def forward(self, scores: torch.Tensor, data_dim: torch.Tensor,  # type: ignore[override]
+                image: torch.Tensor | None = None) -> list[torch.Tensor]:
+        self.reshape([tuple(t.shape) for t in (scores, data_dim, image) if t is not None])
+        if not bool(torch.isfinite(scores).all()):
+            raise self.error(f"the unary scores {tuple(scores.shape)} hold NaN or inf")
+        with torch.no_grad():
+            cpu_scores = scores.detach().to("cpu", torch.float32)
+            cpu_image = None if image is None else image.detach().to("cpu", torch.float32)
+            out = torch.zeros_like(cpu_scores)
+            for n, (height, width) in enumerate(self._regions(data_dim, cpu_scores.shape)):
+                region = cpu_scores[n, :, :height, :width]
+                picture = None if cpu_image is None else cpu_image[n, :, :height, :width]
+                try:
+                    q = self._mean_field(region, picture)
+                except LatticeError as error:
+                    raise self.error(str(error)) from None
+                out[n, :, :height, :width] = q if self.output_probability else torch.log(q.clamp_min(FLT_MIN))
+        return [out.to(scores.device, scores.dtype)]
+
+    def _regions(self, data_dim: torch.Tensor, shape: torch.Size) -> list[tuple[int, int]]:
+        """(height, width) processed per image: data_dim truncated to int, clipped to the scores' size."""
+        dims = data_dim.detach().to("cpu", torch.float64).reshape(shape[0], 2)
+        if not bool(torch.isfinite(dims).all()) or bool((dims < 1).any()):
+            raise self.error(f"data_dim must hold sizes >= 1, got {dims.tolist()}")
+        return [(min(int(h), shape[2]), min(int(w), shape[3])) for h, w in dims.tolist()]
+
+    def _mean_field(self, score: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
+        """Q (M, H, W) for one image's scores (M, H, W) (the negated unary)."""
+        labels, height, width = score.shape
+        negated_unary = score.reshape(labels, -1).t().contiguous()  # (pixels, labels)
+        potentials = [self._potential(kernel, height, width, image) for kernel in self.kernels]
+        q = torch.softmax(negated_unary, dim=1)
+        for _ in range(self.max_iter):
+            energy = negated_unary.clone()
+            for weighted_norm, lattice in potentials:
+                energy += weighted_norm * lattice.filter(q)
+            q = torch.softmax(energy, dim=1)
+        return q.t().reshape(labels, height, width)
+
+    def _potential(self, kernel: _Kernel, height: int, width: int,
+                   image: torch.Tensor | None) -> tuple[torch.Tensor, Permutohedral]:
+        """(w * nu as a (pixels, 1) column, lattice) of one Potts kernel on an H x W image."""
+        ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
+                                indexing="ij")
+        sigma_xy = torch.tensor(kernel.sigma_xy, dtype=torch.float32)
+        features = [xs / sigma_xy, ys / sigma_xy]
+        if kernel.sigma_rgb is not None and image is not None:
+            features += list(image / torch.tensor(kernel.sigma_rgb, dtype=torch.float32))
+        lattice = Permutohedral(torch.stack(features, dim=-1).reshape(height * width, -1))
+        norm = 1.0 / (lattice.filter(torch.ones(height * width, 1)) + 1e-20)
+        return kernel.weight * norm, lattice

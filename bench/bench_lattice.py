@@ -1,0 +1,252 @@
+"""Benchmark of the permutohedral lattice as used by the DenseCRF loss (not a test).
+
+Times the loss's forward + backward work on a 321x321 real image (trainimage1.png, mean-subtracted
+BGR, K = 21 softmax channels): ROI mask, one lattice per image filtering all K channels, the loss dot
+product, and the backward scaling (the backward reuses the forward's filtered values). Compares with
+the original Caffe layer's measured times on this machine and with our own lattice used the
+original's way (one channel at a time, one thread per image) in the same run. Also reports where the
+time goes, scaling with pixel count and with K, and peak memory at 513x513.
+
+    python bench/bench_lattice.py [--threads 2] [--repeats 15] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS threads would only compete for cores
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rloss import lattice as lat  # noqa: E402
+
+ext = lat.extension()
+
+SHARED = Path(os.environ.get("RLOSS_SHARED", str(Path(__file__).resolve().parents[2] / "shared")))
+TRAIN_IMAGE = SHARED / "reference" / "rloss-exper" / "exper" / "visualization" / "trainimage1.png"
+MEAN_BGR = np.array([104.008, 116.669, 122.675], dtype=np.float32)
+SIGMA_XY, SIGMA_RGB, LOSS_WEIGHT = 100.0, 15.0, 1e-8
+# The original Caffe DenseCRFLoss layer on this machine (golden/04_timing, 2 threads): fwd, bwd in ms.
+CAFFE_MS = {1: (122.0, 11.0), 2: (301.0, 26.0)}
+
+
+def load_image(size: int) -> np.ndarray:
+    """(3, size, size) mean-subtracted BGR float32, like Caffe's data blob."""
+    from PIL import Image
+
+    if TRAIN_IMAGE.exists():
+        im = Image.open(TRAIN_IMAGE).convert("RGB").resize((size, size), Image.BILINEAR)
+        rgb = np.asarray(im, dtype=np.float32)
+    else:  # fall back to a synthetic image so the script still runs
+        print(f"warning: {TRAIN_IMAGE} not found, using a synthetic image")
+        y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+        rgb = np.stack([x % 97 * 2.5, y % 83 * 3.0, (x + y) % 51 * 5.0], -1)
+    return np.ascontiguousarray((rgb[:, :, ::-1] - MEAN_BGR).transpose(2, 0, 1))
+
+
+def softmax_seg(b: int, k: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.nn.functional.interpolate(
+        torch.randn(b, k, h // 8 + 1, w // 8 + 1, generator=g) * 3, (h, w), mode="bilinear", align_corners=True
+    )
+    return torch.softmax(logits, 1).contiguous()
+
+
+def loss_fwd_bwd(image: torch.Tensor, seg: torch.Tensor, threads: int, per_channel: bool = False):
+    """DenseCRF loss forward + backward (spec 2.15) with our lattice; returns (loss, grad wrt seg).
+
+    Ours: the ROI mask is derived from the image inside C++ and applied to input and output, so
+    the filtered values are already A(m S) * m: loss = -<S, that> / N and grad = that * (-2 lw / N).
+    The original's way: mask tensor, then one channel at a time, one thread per image.
+    """
+    n = image.shape[0]
+    if per_channel:
+        mask = lat.caffe_roi_mask(image)
+        filt = (
+            torch.from_numpy(
+                ext.filter_image_batch_per_channel(
+                    image.numpy(), seg.numpy(), SIGMA_XY, SIGMA_RGB, mask=mask.numpy(), num_threads=threads
+                )
+            )
+            * mask[:, None]
+        )
+    else:
+        filt = lat.bilateral_filter(
+            image, seg, SIGMA_RGB, SIGMA_XY, roi_from_image=True, mask_output=True, num_threads=threads
+        )
+    loss = -torch.dot(seg.reshape(-1), filt.reshape(-1)) / n  # = -(1/N) sum <m S, A(m S)>
+    grad = filt * (-2.0 * LOSS_WEIGHT / n)  # backward: reuse A(m S) * m, a scaling only
+    return loss, grad
+
+
+def timeit(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1e3, float(np.min(times)) * 1e3
+
+
+def phase_breakdown(image: np.ndarray, seg: np.ndarray, threads: int, repeats: int) -> dict:
+    """Median per-phase times (ms) of the C++ side, from its timing counters."""
+    ext.set_timing(True)
+    rows = []
+    for _ in range(repeats):
+        ext.reset_timers()
+        ext.filter_image_batch(
+            image, seg, SIGMA_XY, SIGMA_RGB, roi_from_image=True, mask_output=True, num_threads=threads
+        )
+        rows.append(ext.timers())
+    ext.set_timing(False)
+    return {k: float(np.median([r[k] for r in rows])) * 1e3 for k in rows[0]}
+
+
+def peak_memory_child(threads: int) -> None:
+    """Run in a fresh process: peak RSS growth of one 513x513, K=21 loss fwd+bwd over the inputs."""
+    img = torch.from_numpy(load_image(513)[None])
+    seg = softmax_seg(1, 21, 513, 513)
+    with open("/proc/self/status") as f:
+        rss0 = next(int(x.split()[1]) for x in f if x.startswith("VmRSS"))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current RSS
+    loss_fwd_bwd(img, seg, threads)
+    with open("/proc/self/status") as f:
+        hwm = next(int(x.split()[1]) for x in f if x.startswith("VmHWM"))
+    print(f"{(hwm - rss0) / 1024:.2f} {ext.workspace_bytes() / 2**20:.2f} {2 * seg.numel() * 4 / 2**20:.2f}")
+
+
+def peak_memory_513(threads: int) -> tuple[float, float, float]:
+    """(peak RSS growth MiB, lattice workspace MiB, output+grad tensors MiB), measured in a subprocess."""
+    import subprocess
+
+    try:
+        res = subprocess.run(
+            [sys.executable, __file__, "--peak-memory-child", "--threads", str(threads)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        peak, ws, outs = (float(x) for x in res.stdout.split()[-3:])
+        return peak, ws, outs
+    except Exception as e:  # noqa: BLE001 - report, do not fail the benchmark
+        print(f"peak memory measurement failed: {e}")
+        return float("nan"), float("nan"), float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and sizes")
+    ap.add_argument("--peak-memory-child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.peak_memory_child:
+        torch.set_num_threads(args.threads)
+        peak_memory_child(args.threads)
+        return
+    threads, reps = args.threads, (5 if args.quick else args.repeats)
+    torch.set_num_threads(threads)
+    load0 = os.getloadavg()
+    print(
+        f"rloss lattice benchmark: kernels {ext.kernel_isa()}, OpenMP {ext.have_openmp()}, threads {threads}, "
+        f"torch {torch.__version__}, cpus {os.cpu_count()}, load avg {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}"
+    )
+    print(
+        "times are medians (min in brackets) in ms; DenseCRF loss fwd+bwd = mask + lattice build + K-channel "
+        "filter + dot + grad scaling"
+    )
+
+    base = torch.from_numpy(load_image(321))
+    print("\n== 321x321, K=21: ours vs Caffe layer vs our lattice used the original's way ==")
+    print(
+        f"{'batch':>5} | {'ours':>15} | {'orig. way':>15} | {'Caffe fwd+bwd':>13} | {'vs Caffe':>8} | "
+        f"{'vs orig. way':>12} | per image"
+    )
+    for b in (1, 2, 12):
+        img = base[None].repeat(b, 1, 1, 1).contiguous()
+        img[1::2] = img[1::2].flip(-1)
+        seg = softmax_seg(b, 21, 321, 321)
+        r = max(3, reps // (1 + b // 4))
+        ours, ours_min = timeit(lambda img=img, seg=seg: loss_fwd_bwd(img, seg, threads), r)
+        orig, orig_min = timeit(
+            lambda img=img, seg=seg: loss_fwd_bwd(img, seg, threads, per_channel=True), max(3, r // 3), warmup=1
+        )
+        caffe = sum(CAFFE_MS[b]) if b in CAFFE_MS else float("nan")
+        vs_caffe = f"{caffe / ours:7.1f}x" if b in CAFFE_MS else "     n/a"
+        caffe_s = f"{caffe:13.0f}" if b in CAFFE_MS else f"{'n/a':>13}"
+        print(
+            f"{b:5d} | {ours:7.2f} [{ours_min:6.2f}] | {orig:7.1f} [{orig_min:6.1f}] | {caffe_s} | {vs_caffe} | "
+            f"{orig / ours:11.1f}x | {ours / b:6.2f}"
+        )
+    print("targets: >= 10x vs Caffe at batch 1 and >= 6x at batch 2 (acceptable minimum 6x / 4x)")
+
+    print("\n== where the time goes (C++ phase counters, 321x321, K=21, batch 1, median ms) ==")
+    img1 = base[None].numpy()
+    seg1 = softmax_seg(1, 21, 321, 321).numpy()
+    for t in sorted({1, threads}):
+        ph = phase_breakdown(img1, seg1, t, reps)
+        build = ph["embed+hash"] + ph["merge"] + ph["slots+neighbours"]
+        print(
+            f"threads {t}: build {build:5.2f} (embed+hash {ph['embed+hash']:.2f}, merge {ph['merge']:.2f}, "
+            f"slots+neighbours {ph['slots+neighbours']:.2f}) | splat {ph['splat']:.2f} | blur {ph['blur']:.2f} | "
+            f"slice {ph['slice']:.2f} | sum {build + ph['splat'] + ph['blur'] + ph['slice']:.2f}"
+        )
+    lattice = ext.Lattice(
+        np.ascontiguousarray(
+            np.stack(
+                [
+                    *np.mgrid[0:321, 0:321][::-1].astype(np.float32) / np.float32(SIGMA_XY),
+                    *(img1[0] / np.float32(SIGMA_RGB)),
+                ],
+                -1,
+            ).reshape(-1, 5)
+        )
+    )
+    print(f"(lattice points M = {lattice.lattice_size} for N = {321 * 321} pixels)")
+
+    print("\n== time vs pixel count (K=21, batch 1) ==")
+    print(f"{'size':>7} | {'pixels':>7} | {'ours':>8} | {'orig. way':>9} | ratio | us/pixel")
+    sizes = (41, 81, 161, 321) if args.quick else (41, 81, 161, 321, 513)
+    for s in sizes:
+        img = torch.from_numpy(load_image(s)[None])
+        seg = softmax_seg(1, 21, s, s)
+        r = max(3, reps * 2 if s <= 161 else reps // (1 + s // 321))
+        ours, _ = timeit(lambda img=img, seg=seg: loss_fwd_bwd(img, seg, threads), r)
+        orig, _ = timeit(
+            lambda img=img, seg=seg: loss_fwd_bwd(img, seg, threads, per_channel=True), max(3, r // 3), warmup=1
+        )
+        print(f"{s:4d}^2 | {s * s:7d} | {ours:8.2f} | {orig:9.1f} | {orig / ours:4.1f}x | {ours * 1e3 / (s * s):.3f}")
+
+    print("\n== time vs K (321x321, batch 1) ==")
+    print(f"{'K':>3} | {'ours':>8} | {'orig. way':>9} | ratio | ours per channel")
+    img = base[None].contiguous()
+    for k in (1, 2, 5, 10, 21, 40, 60):
+        seg = softmax_seg(1, k, 321, 321)
+        ours, _ = timeit(lambda seg=seg: loss_fwd_bwd(img, seg, threads), reps)
+        orig, _ = timeit(lambda seg=seg: loss_fwd_bwd(img, seg, threads, per_channel=True), max(3, reps // 3), warmup=1)
+        print(f"{k:3d} | {ours:8.2f} | {orig:9.1f} | {orig / ours:4.1f}x | {ours / k:.3f}")
+
+    print("\n== peak memory, 513x513, K=21, batch 1 ==")
+    peak, ws, tensors = peak_memory_513(threads)
+    print(
+        f"peak RSS growth of one loss fwd+bwd (fresh process, inputs already allocated): {peak:.1f} MiB, of which "
+        f"filtered + grad output tensors {tensors:.1f} MiB and lattice workspace (kept for reuse) {ws:.1f} MiB"
+    )
+    load1 = os.getloadavg()
+    print(
+        f"\nload avg at end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f} (a busy 2-core machine inflates the "
+        "2-thread numbers)"
+    )
+
+
+if __name__ == "__main__":
+    main()

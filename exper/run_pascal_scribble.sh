@@ -1,0 +1,125 @@
+#!/bin/sh
+# The pascal_scribble experiment in three phases, as the original run script ran them, calling rloss
+# instead of caffe.bin:
+#   1. train with partial cross-entropy on the scribbles          (RUN_TRAIN)
+#   2. fine-tune with cross-entropy + DenseCRF loss from phase 1  (RUN_TRAINWITHDENSECRFLOSS)
+#   3. test on TEST_SET and print pixel accuracy and mean IoU     (RUN_TEST)
+#
+# Defaults run in minutes on 2 CPU cores: NET_ID=small_fcn (prototxt/small_fcn) on a synthetic scribble
+# dataset that is generated on first use. Setting NET_ID and DATA_ROOT runs the real experiments:
+#   NET_ID=deeplab_largeFOV DATA_ROOT=/data/pascal_scribble/ sh exper/run_pascal_scribble.sh
+# (the init models, e.g. pascal_scribble/model/deeplab_largeFOV/vgg16_20M.caffemodel, must be in
+# place, as for the original). Every variable below can be set from the environment.
+# RUN_CONTROL=1 also trains a partial-cross-entropy-only control as long as phase 2 (DenseCRF loss
+# weight 0, same schedule), and RUN_FULL=1 a fully supervised model (TRAIN_SET=train_full), both
+# for the small net; the last lines print a table of the mean IoUs.
+set -eu
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+RLOSS="${PYTHON} -m rloss"
+EXP=${EXP:-pascal_scribble}
+NET_ID=${NET_ID:-small_fcn}
+TRAIN_SET=${TRAIN_SET:-train${TRAIN_SET_SUFFIX:-}}
+TEST_SET=${TEST_SET:-val}
+RUN_TRAIN=${RUN_TRAIN:-1}
+RUN_TRAINWITHDENSECRFLOSS=${RUN_TRAINWITHDENSECRFLOSS:-1}
+RUN_TEST=${RUN_TEST:-1}
+RUN_CONTROL=${RUN_CONTROL:-0}
+RUN_FULL=${RUN_FULL:-0}
+MODEL_DIR=${MODEL_DIR:-${EXP}/model/${NET_ID}}
+LOG_DIR=${LOG_DIR:-${EXP}/log/${NET_ID}}
+GPU_FLAG=${DEV_ID:+--gpu=${DEV_ID}}
+
+if [ "${NET_ID}" = small_fcn ]; then
+  CONFIG_DIR=${CONFIG_DIR:-../prototxt/small_fcn}
+  if [ -z "${DATA_ROOT:-}" ]; then
+    DATA_ROOT=${EXP}/data/synthetic/
+    [ -f "${DATA_ROOT}list/train.txt" ] || ${PYTHON} -m rloss.data.synthetic "${DATA_ROOT}" --train 60 --val 20 --size 97 --classes 4
+  fi
+  NUM_LABELS=${NUM_LABELS:-$(grep -c -v '^255 ' "${DATA_ROOT}classes.txt")}
+  LIST_DIR=${LIST_DIR:-${DATA_ROOT}list}
+  DENSECRF_LOSS_WEIGHT=${DENSECRF_LOSS_WEIGHT:-4e-7}
+  SMALL_VARS="CROP_SIZE=${CROP_SIZE:-97} BATCH_SIZE=${BATCH_SIZE:-10} BI_XY_STD=${BI_XY_STD:-30} BI_RGB_STD=${BI_RGB_STD:-15}
+    MAX_ITER=${MAX_ITER:-300} STEPSIZE=${STEPSIZE:-200} MAX_ITER2=${MAX_ITER2:-150} STEPSIZE2=${STEPSIZE2:-100}"
+else
+  CONFIG_DIR=${CONFIG_DIR:-${EXP}/config/${NET_ID}}
+  : "${DATA_ROOT:?set DATA_ROOT to the folder of the PASCAL scribble data (with a trailing /)}"
+  NUM_LABELS=${NUM_LABELS:-21}
+  LIST_DIR=${LIST_DIR:-${EXP}/list}
+  DENSECRF_LOSS_WEIGHT=${DENSECRF_LOSS_WEIGHT:-1e-8}
+  SMALL_VARS=""
+fi
+mkdir -p "${MODEL_DIR}" "${LOG_DIR}"
+
+set_vars() {  # the --set flags of every rloss call: the original's sed variables plus ours
+  for v in "EXP=${EXP}" "NET_ID=${NET_ID}" "DATA_ROOT=${DATA_ROOT}" "TRAIN_SET=${TRAIN_SET}" "TEST_SET=${TEST_SET}" \
+           "NUM_LABELS=${NUM_LABELS}" "DENSECRF_LOSS_WEIGHT=${DENSECRF_LOSS_WEIGHT}" "LIST_DIR=${LIST_DIR}" \
+           "CONFIG_DIR=${CONFIG_DIR}" "MODEL_DIR=${MODEL_DIR}" "FEATURE_DIR=${EXP}/features/${NET_ID}" ${SMALL_VARS}; do
+    printf ' --set %s' "$v"
+  done
+}
+
+latest() {  # the snapshot of the highest iteration with this prefix
+  ls "$1"_iter_*.caffemodel 2>/dev/null | sed 's/.*_iter_\([0-9]*\)\.caffemodel/\1 &/' | sort -n | tail -n 1 | cut -d' ' -f2
+}
+
+run() {  # echo the command, run it with its log, echo it again (as the original did)
+  log=$1; shift
+  echo "Running $*"
+  "$@" 2>&1 | tee "${LOG_DIR}/${log}"
+  echo "Done: $*"
+}
+
+init_model() {  # phase-1 initialisation, as the original script chose it per net
+  case "${NET_ID}" in
+    deeplab_largeFOV) echo "${MODEL_DIR}/vgg16_20M.caffemodel" ;;
+    deeplab_vgg16|resnet-101) echo "${MODEL_DIR}/init.caffemodel" ;;
+    *) echo "" ;;
+  esac
+}
+
+if [ "${RUN_TRAIN}" = 1 ]; then
+  INIT=$(init_model)
+  run train.log ${RLOSS} train --solver="${CONFIG_DIR}/solver.prototxt" ${INIT:+--weights=${INIT}} ${GPU_FLAG} $(set_vars)
+fi
+
+if [ "${RUN_TRAINWITHDENSECRFLOSS}" = 1 ]; then
+  if [ "${NET_ID}" = deeplab_msc_largeFOV ]; then
+    WEIGHTS=${EXP}/model/deeplab_largeFOV/trainwithdensecrfloss_iter_9000.caffemodel
+  else
+    WEIGHTS=$(latest "${MODEL_DIR}/train")
+  fi
+  run trainwithdensecrfloss.log ${RLOSS} train --solver="${CONFIG_DIR}/solverwithdensecrfloss.prototxt" \
+    --weights="${WEIGHTS}" ${GPU_FLAG} $(set_vars)
+  if [ "${RUN_CONTROL}" = 1 ]; then
+    run control.log ${RLOSS} train --solver="${CONFIG_DIR}/solverwithdensecrfloss.prototxt" \
+      --weights="${WEIGHTS}" ${GPU_FLAG} $(set_vars) --set DENSECRF_LOSS_WEIGHT=0 --set MODEL_DIR="${MODEL_DIR}/control"
+  fi
+fi
+
+if [ "${RUN_FULL}" = 1 ]; then
+  run full.log ${RLOSS} train --solver="${CONFIG_DIR}/solver.prototxt" ${GPU_FLAG} $(set_vars) \
+    --set TRAIN_SET=train_full --set MODEL_DIR="${MODEL_DIR}/full"
+fi
+
+if [ "${RUN_TEST}" = 1 ]; then
+  TEST_ITER=$(grep -c . "${LIST_DIR}/${TEST_SET}.txt")
+  RESULTS=${LOG_DIR}/results.txt
+  : > "${RESULTS}"
+  for entry in "partial cross-entropy:${MODEL_DIR}/train" "+ DenseCRF loss:${MODEL_DIR}/trainwithdensecrfloss" \
+               "partial cross-entropy, as long (control):${MODEL_DIR}/control/trainwithdensecrfloss" \
+               "full supervision:${MODEL_DIR}/full/train"; do
+    label=${entry%%:*}
+    model=$(latest "${entry#*:}")
+    [ -n "${model}" ] || continue
+    run test.log ${RLOSS} test --model="${CONFIG_DIR}/test.prototxt" --weights="${model}" \
+      --iterations="${TEST_ITER}" ${GPU_FLAG} $(set_vars) --metrics_json="${LOG_DIR}/metrics.json"
+    ${PYTHON} -c "import json,sys; m=json.load(open(sys.argv[1])); print('%-42s %6.2f %6.2f  %s' % (sys.argv[2], 100*m['mean_iou'], 100*m['pixel_accuracy'], sys.argv[3]))" \
+      "${LOG_DIR}/metrics.json" "${label}" "${model}" >> "${RESULTS}"
+  done
+  echo
+  echo "${NET_ID} on ${TEST_SET} (${TEST_ITER} images)"
+  printf '%-42s %6s %6s  %s\n' "model" "mIoU" "pixAcc" "weights"
+  cat "${RESULTS}"
+fi

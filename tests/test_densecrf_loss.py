@@ -1,0 +1,319 @@
+"""DenseCRFLoss: the Caffe layer and the PyTorch module (spec 2.15, 7.1, 7.2).
+
+References: the real fork's outputs (golden files), the loss and the fork's gradient rule recomputed
+with an independently built lattice (`Permutohedral` on features made here), finite differences of the
+quadratic form with a symmetric dense operator, and the module's equivalences (layer, down-scaling,
+batch split)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from google.protobuf import text_format
+
+from rloss import DenseCRFLoss as DenseCRFLossModule
+from rloss.errors import LayerError, NetError, RlossError
+from rloss.lattice import Permutohedral, caffe_roi_mask
+from rloss.layers.registry import layer_class
+from rloss.losses import DenseCRFLossFunction
+from rloss.net import Net
+from rloss.proto import caffe_pb2
+from tests.conftest import shared_path
+
+MEAN_BGR = np.array([104.008, 116.669, 122.675], np.float32)
+LAYER = ('name: "crf" type: "DenseCRFLoss" bottom: "data" bottom: "seg" top: "loss" {extra} '
+         "densecrf_loss_param {{ bi_xy_std: {sxy} bi_rgb_std: {srgb} }}")
+
+
+def make_layer(shapes, extra: str = "loss_weight: 1 propagate_down: false propagate_down: true",
+               sxy: float = 5.0, srgb: float = 20.0):
+    text = LAYER.format(extra=extra, sxy=sxy, srgb=srgb)
+    param = text_format.Parse(text, caffe_pb2.LayerParameter())
+    return layer_class("DenseCRFLoss")(param, shapes, caffe_pb2.TRAIN)
+
+
+def synthetic_image(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Mean-subtracted BGR images: colour blocks plus noise, with zero padding at the bottom/right
+    like a crop of a smaller image (the layer's mask must remove it)."""
+    rng = np.random.RandomState(seed)
+    images = np.empty((n, 3, h, w), np.float32)
+    for i in range(n):
+        colours = rng.uniform(0, 255, size=(4, 3)).astype(np.float32)
+        block = (np.arange(h)[:, None] * 2 // h) * 2 + (np.arange(w)[None, :] * 2 // w)
+        noise = rng.randn(3, h, w).astype(np.float32) * 8
+        images[i] = colours[block].transpose(2, 0, 1) + noise - MEAN_BGR[:, None, None]
+        images[i, :, h - 1 - i:, :] = 0.0
+        images[i, :, :, w - 2:] = 0.0
+    return images
+
+
+def synthetic_segmentation(n: int, k: int, h: int, w: int, seed: int = 1) -> np.ndarray:
+    logits = torch.from_numpy(np.random.RandomState(seed).randn(n, k, h, w).astype(np.float32) * 2)
+    return torch.softmax(logits, dim=1).numpy()
+
+
+def lattice_matrix(image: np.ndarray, sxy: float, srgb: float) -> np.ndarray:
+    """The dense matrix A (pixels x pixels) of the bilateral lattice of one (3, H, W) image: column q is
+    the lattice's response to the unit vector at q. Features built here (x = column, y = row)."""
+    _, h, w = image.shape
+    ys, xs = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
+    features = [xs / np.float32(sxy), ys / np.float32(sxy)] + [c / np.float32(srgb) for c in image]
+    lattice = Permutohedral(np.stack(features, axis=-1).reshape(h * w, 5))
+    return lattice.filter(np.eye(h * w, dtype=np.float32)).astype(np.float64)
+
+
+def layer_loss_and_grad(layer, image: np.ndarray, seg: np.ndarray, weight: float = 1.0):
+    s = torch.from_numpy(seg).requires_grad_(True)
+    (top,) = layer(torch.from_numpy(image), s)
+    (weight * top.sum()).backward()
+    return top.detach(), s.grad
+
+
+# ---- (a) golden cases, at the layer level (the net-level run is in test_golden_layers.py) ---------
+@pytest.mark.parametrize("case", ["densecrf_loss_81_w1", "densecrf_loss_41_w1e-8"])
+def test_layer_matches_caffe_golden(case: str) -> None:
+    folder = shared_path("golden", "01_layers", case)
+    net = text_format.Parse((folder / "net.prototxt").read_text(), caffe_pb2.NetParameter())
+    param = next(p for p in net.layer if p.type == "DenseCRFLoss")
+    image, seg = np.load(folder / "in_data.npy"), np.load(folder / "out_seg.npy")
+    layer = layer_class("DenseCRFLoss")(param, [image.shape, seg.shape], caffe_pb2.TRAIN)
+    top, grad = layer_loss_and_grad(layer, image, seg, weight=param.loss_weight[0])
+    expected_loss = np.load(folder / "out_densecrf_loss.npy")
+    expected_grad = np.load(folder / "diff_seg.npy")
+    assert top.shape == (1, 1, 1, 1)
+    expected = float(expected_loss.ravel()[0])
+    loss_error = abs(float(top.detach()) - expected) / abs(expected)
+    grad_error = float((grad.numpy() - expected_grad).__abs__().max() / np.abs(expected_grad).max())
+    assert loss_error <= 1e-4 and grad_error <= 1e-3, (loss_error, grad_error)
+
+
+# ---- (b) loss and gradient rule --------------------------------------------------------------------
+def test_loss_and_gradient_equal_independent_lattice_computation() -> None:
+    n, k, h, w = 2, 3, 9, 11
+    image, seg = synthetic_image(n, h, w), synthetic_segmentation(n, k, h, w)
+    weight = 0.7
+    top, grad = layer_loss_and_grad(make_layer([image.shape, seg.shape]), image, seg, weight)
+    mask = (np.trunc(image) != 0).any(axis=1).reshape(n, 1, h * w).astype(np.float64)
+    masked = seg.reshape(n, k, h * w) * mask
+    filtered = np.stack([masked[i] @ lattice_matrix(image[i], 5.0, 20.0).T for i in range(n)])
+    expected_loss = -(masked * filtered).sum() / n
+    expected_grad = (-2.0 * weight / n) * filtered * mask
+    assert float(top) < 0
+    assert abs(float(top) - expected_loss) <= 1e-5 * abs(expected_loss)
+    assert np.abs(grad.numpy().reshape(n, k, h * w) - expected_grad).max() <= 1e-5 * np.abs(expected_grad).max()
+    assert (grad.numpy().reshape(n, k, h * w)[np.broadcast_to(mask == 0, expected_grad.shape)] == 0).all()
+
+
+def test_backward_rule_is_the_exact_gradient_for_a_symmetric_operator() -> None:
+    """What this checks: the Function's backward -(2/N) A(mS) m is the derivative of its forward
+    -(1/N) sum <mS, A mS> when A is symmetric (masking included). The lattice A is only nearly
+    symmetric, so with it the rule is, as in the fork, not the exact derivative (next test)."""
+    image = synthetic_image(2, 6, 5)
+    a_sym = [torch.from_numpy((a + a.T) / 2) for a in (lattice_matrix(im, 3.0, 30.0) for im in image)]
+
+    def symmetric_kernel(values: torch.Tensor) -> torch.Tensor:
+        flat = values.reshape(2, values.shape[1], 30)
+        return torch.stack([flat[i] @ a_sym[i] for i in range(2)]).reshape(values.shape)
+
+    mask = torch.from_numpy(caffe_roi_mask(image)).double()
+    seg = torch.from_numpy(synthetic_segmentation(2, 3, 6, 5)).double().requires_grad_(True)
+    assert 0 < float(mask.sum()) < mask.numel()
+
+    def loss(s: torch.Tensor) -> torch.Tensor:
+        return DenseCRFLossFunction.apply(s, mask, symmetric_kernel, RlossError)
+
+    assert torch.autograd.gradcheck(loss, (seg,), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_rule_differs_from_true_derivative_only_by_lattice_asymmetry() -> None:
+    """-2 A(mS) vs the exact derivative -(A + A^T)(mS) of the forward: close, not equal (spec 2.15)."""
+    image, seg = synthetic_image(1, 10, 12), synthetic_segmentation(1, 2, 10, 12)
+    _, grad = layer_loss_and_grad(make_layer([image.shape, seg.shape]), image, seg)
+    a = lattice_matrix(image[0], 5.0, 20.0)
+    mask = caffe_roi_mask(image).reshape(1, -1).astype(np.float64)
+    masked = seg.reshape(2, -1) * mask
+    exact = -(masked @ (a + a.T)) * mask
+    mismatch = np.abs(grad.numpy().reshape(2, -1) - exact).max() / np.abs(exact).max()
+    assert 1e-4 < mismatch < 0.1
+
+
+# ---- (d) construction rules and errors --------------------------------------------------------------
+def test_missing_loss_weight_warns_and_contributes_nothing(caplog) -> None:
+    net_text = """input: "data" input_shape { dim: 1 dim: 3 dim: 6 dim: 7 }
+        input: "seg" input_shape { dim: 1 dim: 2 dim: 6 dim: 7 }
+        layer { name: "crf" type: "DenseCRFLoss" bottom: "data" bottom: "seg" top: "loss"
+                propagate_down: false propagate_down: true }"""
+    with caplog.at_level(logging.WARNING, logger="rloss"):
+        net = Net(text_format.Parse(net_text, caffe_pb2.NetParameter()), caffe_pb2.TRAIN)
+    assert any("'crf'" in r.getMessage() and "loss_weight" in r.getMessage() for r in caplog.records)
+    image, seg = synthetic_image(1, 6, 7), synthetic_segmentation(1, 2, 6, 7)
+    objective = net.forward({"data": torch.from_numpy(image), "seg": torch.from_numpy(seg)})
+    assert float(objective) == 0.0
+    assert float(net.blob_data["loss"]) < 0  # the top is still computed
+
+
+def test_explicit_loss_weight_does_not_warn(caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="rloss"):
+        layer = make_layer([(1, 3, 4, 4), (1, 2, 4, 4)])
+    assert layer.loss_weights == [1.0] and not caplog.records
+    assert layer.top_shapes == [(1, 1, 1, 1)] and layer.num_tops == 1
+
+
+def test_anonymous_top_and_proto_defaults() -> None:
+    param = text_format.Parse('name: "c" type: "DenseCRFLoss" bottom: "a" bottom: "b" loss_weight: 1',
+                              caffe_pb2.LayerParameter())
+    layer = layer_class("DenseCRFLoss")(param, [(1, 3, 4, 4), (1, 2, 4, 4)], caffe_pb2.TRAIN)
+    assert layer.num_tops == 1 and (layer.sigma_xy, layer.sigma_rgb) == (15.0, 40.0)
+
+
+def test_propagate_down_into_image_is_refused() -> None:
+    with pytest.raises(LayerError, match=r"'crf'.*DenseCRFLoss.*propagate_down: false, true"):
+        make_layer([(1, 3, 4, 4), (1, 2, 4, 4)], extra="loss_weight: 1 propagate_down: true propagate_down: true")
+
+
+@pytest.mark.parametrize("shapes,shown", [
+    ([(2, 3, 8, 8), (1, 2, 8, 8)], "(1, 2, 8, 8)"), ([(1, 3, 8, 8), (1, 2, 8, 9)], "(1, 2, 8, 9)"),
+    ([(1, 3, 7, 8), (1, 2, 8, 8)], "(1, 3, 7, 8)"), ([(1, 4, 8, 8), (1, 2, 8, 8)], "(1, 4, 8, 8)"),
+    ([(1, 3, 8), (1, 2, 8, 8)], "(1, 3, 8)"),
+])
+def test_shape_mismatch_is_a_layer_error(shapes, shown: str) -> None:
+    with pytest.raises(LayerError, match=r"'crf'.*DenseCRFLoss") as caught:
+        make_layer(shapes)
+    assert shown in str(caught.value)
+
+
+def test_shape_mismatch_at_forward_is_a_layer_error() -> None:
+    layer = make_layer([(1, 3, 8, 8), (1, 2, 8, 8)])
+    with pytest.raises(LayerError, match=r"\(1, 3, 8, 8\).*\(1, 2, 8, 7\)"):
+        layer(torch.zeros(1, 3, 8, 8), torch.zeros(1, 2, 8, 7))
+
+
+def test_bad_sigma_is_a_layer_error() -> None:
+    with pytest.raises(LayerError, match="bi_xy_std"):
+        make_layer([(1, 3, 4, 4), (1, 2, 4, 4)], sxy=0.0)
+
+
+def test_non_finite_inputs_and_gradients_are_layer_errors() -> None:
+    image, seg = synthetic_image(1, 6, 7), synthetic_segmentation(1, 2, 6, 7)
+    layer = make_layer([image.shape, seg.shape])
+    bad_seg = seg.copy()
+    bad_seg[0, 1, 2, 3] = np.nan
+    with pytest.raises(LayerError, match=r"'crf'.*(NaN or Inf|not finite)"):
+        layer(torch.from_numpy(image), torch.from_numpy(bad_seg))
+    bad_image = image.copy()
+    bad_image[0, 0, 1, 1] = np.inf
+    with pytest.raises(LayerError, match=r"'crf'.*NaN or Inf"):
+        layer(torch.from_numpy(bad_image), torch.from_numpy(seg))
+    s = torch.from_numpy(seg).requires_grad_(True)
+    (top,) = layer(torch.from_numpy(image), s)
+    with pytest.raises(LayerError, match=r"'crf'.*gradient is not finite"):
+        top.backward(torch.full_like(top, float("nan")))
+
+
+def test_batch_size_is_read_at_forward() -> None:
+    """The fork froze N at set-up; here a layer built for 2 images divides by the batch it gets."""
+    image, seg = synthetic_image(2, 7, 8), synthetic_segmentation(2, 2, 7, 8)
+    layer = make_layer([image.shape, seg.shape])
+    both = float(layer(torch.from_numpy(image), torch.from_numpy(seg))[0])
+    single = [float(layer(torch.from_numpy(image[i:i + 1]), torch.from_numpy(seg[i:i + 1]))[0]) for i in range(2)]
+    assert both == pytest.approx(sum(single) / 2, rel=1e-6)
+
+
+# ---- (c) the PyTorch module --------------------------------------------------------------------------
+def test_module_equals_layer_on_the_same_data() -> None:
+    image, seg = synthetic_image(2, 9, 10), synthetic_segmentation(2, 4, 9, 10)
+    top, layer_grad = layer_loss_and_grad(make_layer([image.shape, seg.shape]), image, seg, weight=0.3)
+    s = torch.from_numpy(seg).requires_grad_(True)
+    rois = caffe_roi_mask(torch.from_numpy(image))
+    module = DenseCRFLossModule(weight=0.3, sigma_rgb=20.0, sigma_xy=5.0, scale_factor=1.0)
+    loss = module(torch.from_numpy(image), s, rois)
+    loss.backward()
+    assert loss.shape == (1,) and loss.dtype == torch.float32
+    assert float(loss.detach()) == pytest.approx(0.3 * float(top), rel=1e-6)
+    assert torch.allclose(s.grad, layer_grad, rtol=1e-6, atol=1e-12)
+
+
+def test_module_on_rgb_images_is_close_to_layer_on_mean_subtracted_bgr() -> None:
+    """The port feeds RGB in [0, 255] with an explicit ROI: the same Gaussian, but the lattice is not
+    exactly invariant to shifting and permuting the features, so the values agree to a few percent."""
+    image, seg = synthetic_image(2, 16, 18), synthetic_segmentation(2, 3, 16, 18)
+    top, _ = layer_loss_and_grad(make_layer([image.shape, seg.shape]), image, seg)
+    rgb = torch.from_numpy((image + MEAN_BGR[:, None, None])[:, ::-1].copy())
+    rois = torch.from_numpy(caffe_roi_mask(image))
+    loss = DenseCRFLossModule(1.0, sigma_rgb=20.0, sigma_xy=5.0)(rgb, torch.from_numpy(seg), rois)
+    assert float(loss) == pytest.approx(float(top), rel=0.05)
+
+
+def test_module_scale_factor_downscales_inputs_and_sigma_xy() -> None:
+    images = torch.from_numpy(synthetic_image(1, 20, 24) + MEAN_BGR[:, None, None])
+    seg = torch.from_numpy(synthetic_segmentation(1, 3, 20, 24)).requires_grad_(True)
+    rois = torch.ones(1, 20, 24)
+    rois[:, 15:, :] = 0
+    loss = DenseCRFLossModule(2.0, sigma_rgb=15.0, sigma_xy=8.0, scale_factor=0.5)(images, seg, rois)
+    loss.backward()
+    small_seg = F.interpolate(seg.detach(), scale_factor=0.5, mode="bilinear", align_corners=False).requires_grad_(True)
+    small = DenseCRFLossModule(2.0, sigma_rgb=15.0, sigma_xy=4.0)(
+        F.interpolate(images, scale_factor=0.5), small_seg, F.interpolate(rois[:, None], scale_factor=0.5)[:, 0])
+    small.backward()
+    assert small_seg.shape == (1, 3, 10, 12)
+    assert float(loss.detach()) == float(small.detach())
+    full = seg.detach().requires_grad_(True)
+    (expected,) = torch.autograd.grad(
+        F.interpolate(full, scale_factor=0.5, mode="bilinear", align_corners=False), full, small_seg.grad)
+    assert seg.grad.shape == seg.shape
+    assert torch.allclose(seg.grad, expected, rtol=1e-6, atol=1e-12)
+
+
+def test_module_batch_is_mean_of_images() -> None:
+    images = torch.from_numpy(synthetic_image(2, 11, 13) + MEAN_BGR[:, None, None])
+    seg, rois = torch.from_numpy(synthetic_segmentation(2, 3, 11, 13)), torch.ones(2, 11, 13)
+    module = DenseCRFLossModule(1.5, 15.0, 6.0)
+    parts = [float(module(images[i:i + 1], seg[i:i + 1], rois[i:i + 1])) for i in range(2)]
+    assert float(module(images, seg, rois)) == pytest.approx(sum(parts) / 2, rel=1e-6)
+
+
+def test_module_under_bfloat16_autocast() -> None:
+    images = torch.from_numpy(synthetic_image(1, 12, 12) + MEAN_BGR[:, None, None])
+    logits = torch.randn(1, 4, 12, 12, generator=torch.Generator().manual_seed(3))
+    conv = torch.nn.Conv2d(4, 3, 1)
+    module = DenseCRFLossModule(1.0, 15.0, 5.0, scale_factor=0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        seg = torch.softmax(conv(logits), dim=1)
+        loss = module(images, seg, torch.ones(1, 12, 12))
+    assert seg.dtype == torch.bfloat16 and loss.dtype == torch.float32 and loss.shape == (1,)
+    loss.backward()
+    assert conv.weight.grad is not None and torch.isfinite(conv.weight.grad).all()
+    reference = module(images, seg.detach().float(), torch.ones(1, 12, 12))
+    assert float(loss.detach()) == pytest.approx(float(reference), rel=1e-6)
+
+
+def test_module_rejects_bad_input() -> None:
+    module = DenseCRFLossModule(1.0, 15.0, 5.0)
+    with pytest.raises(RlossError, match=r"N, H and W must agree.*\(1, 6, 7\)"):
+        module(torch.zeros(1, 3, 6, 6), torch.zeros(1, 2, 6, 6), torch.ones(1, 6, 7))
+    with pytest.raises(RlossError, match=r"\(N, 3, H, W\)"):
+        module(torch.zeros(1, 1, 6, 6), torch.zeros(1, 2, 6, 6), torch.ones(1, 6, 6))
+    with pytest.raises(RlossError, match="sigma_xy"):
+        DenseCRFLossModule(1.0, 15.0, -1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_module_on_cuda() -> None:  # pragma: no cover - no GPU on the test machine
+    images = torch.from_numpy(synthetic_image(1, 10, 10) + MEAN_BGR[:, None, None]).cuda()
+    seg = torch.from_numpy(synthetic_segmentation(1, 3, 10, 10)).cuda().requires_grad_(True)
+    loss = DenseCRFLossModule(1.0, 15.0, 5.0)(images, seg, torch.ones(1, 10, 10, device="cuda"))
+    loss.backward()
+    assert loss.device == seg.device and seg.grad.device == seg.device
+
+
+def test_net_error_wraps_layer_error_in_net() -> None:
+    net_text = """input: "data" input_shape { dim: 1 dim: 3 dim: 6 dim: 7 }
+        input: "seg" input_shape { dim: 1 dim: 2 dim: 6 dim: 7 }
+        layer { name: "crf" type: "DenseCRFLoss" bottom: "data" bottom: "seg" top: "loss"
+                loss_weight: 1 propagate_down: true propagate_down: true }"""
+    with pytest.raises(NetError, match="propagate_down"):
+        Net(text_format.Parse(net_text, caffe_pb2.NetParameter()), caffe_pb2.TRAIN)
