@@ -467,17 +467,22 @@ void Lattice::build(const FeatureSource& src, int num_threads, bool sse_pad, boo
     throw InvalidArgument("lattice: sigmas must be > 0");
   // Small lattices are not worth splitting.
   const int nt = std::max(1, std::min<int>(num_threads, static_cast<int>(std::max<int64_t>(1, n / 4096))));
-  if (!force_generic_keys && PackedKeys::usable(d)) {
-    PackedKeys keys(d);
-    if (build_with(src, nt, sse_pad, keys)) {
-      packed_ = true;
-      bits_ = keys.bits;
-      return;
+  try {
+    if (!force_generic_keys && PackedKeys::usable(d)) {
+      PackedKeys keys(d);
+      if (build_with(src, nt, sse_pad, keys)) {
+        packed_ = true;
+        return;
+      }
     }
+    GenericKeys keys(d);
+    build_with(src, nt, sse_pad, keys);
+    packed_ = false;
+  } catch (...) {
+    n_ = 0;  // a failed build leaves no usable lattice (filter() refuses)
+    m_ = 0;
+    throw;
   }
-  GenericKeys keys(d);
-  build_with(src, nt, sse_pad, keys);
-  packed_ = false;
 }
 
 template <class Keys>

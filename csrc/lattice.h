@@ -157,7 +157,6 @@ class Lattice {
   int64_t n_ = 0;
   int32_t m_ = 0;
   bool packed_ = false;
-  int bits_ = 0;                      // field width of packed keys
   std::vector<float> bary_;           // N x (d+1)
   std::vector<int32_t> offset_;       // N x (d+1): slot = lattice index + 1 (slot 0 = zero row)
   std::vector<int32_t> neigh_;        // (d+1) x M x 2 slots

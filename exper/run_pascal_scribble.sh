@@ -41,7 +41,8 @@ if [ "${NET_ID}" = small_fcn ]; then
   LIST_DIR=${LIST_DIR:-${DATA_ROOT}list}
   DENSECRF_LOSS_WEIGHT=${DENSECRF_LOSS_WEIGHT:-4e-7}
   SMALL_VARS="CROP_SIZE=${CROP_SIZE:-97} BATCH_SIZE=${BATCH_SIZE:-10} BI_XY_STD=${BI_XY_STD:-30} BI_RGB_STD=${BI_RGB_STD:-15}
-    MAX_ITER=${MAX_ITER:-300} STEPSIZE=${STEPSIZE:-200} MAX_ITER2=${MAX_ITER2:-150} STEPSIZE2=${STEPSIZE2:-100}"
+    MAX_ITER=${MAX_ITER:-300} STEPSIZE=${STEPSIZE:-200} BASE_LR=${BASE_LR:-0.001}
+    MAX_ITER2=${MAX_ITER2:-150} STEPSIZE2=${STEPSIZE2:-100} BASE_LR2=${BASE_LR2:-0.001}"
 else
   CONFIG_DIR=${CONFIG_DIR:-${EXP}/config/${NET_ID}}
   : "${DATA_ROOT:?set DATA_ROOT to the folder of the PASCAL scribble data (with a trailing /)}"
@@ -64,10 +65,13 @@ latest() {  # the snapshot of the highest iteration with this prefix
   ls "$1"_iter_*.caffemodel 2>/dev/null | sed 's/.*_iter_\([0-9]*\)\.caffemodel/\1 &/' | sort -n | tail -n 1 | cut -d' ' -f2
 }
 
-run() {  # echo the command, run it with its log, echo it again (as the original did)
+run() {  # echo the command, run it with its log, echo it again (as the original did); stop on failure
   log=$1; shift
   echo "Running $*"
-  "$@" 2>&1 | tee "${LOG_DIR}/${log}"
+  status_file="${LOG_DIR}/.status"
+  { "$@" 2>&1; echo $? > "${status_file}"; } | tee "${LOG_DIR}/${log}"
+  status=$(cat "${status_file}"); rm -f "${status_file}"
+  if [ "${status}" != 0 ]; then echo "Failed (exit ${status}): $*" >&2; exit "${status}"; fi
   echo "Done: $*"
 }
 
@@ -78,6 +82,11 @@ init_model() {  # phase-1 initialisation, as the original script chose it per ne
     *) echo "" ;;
   esac
 }
+
+if [ "${NET_ID}" != small_fcn ] && [ "${RUN_CONTROL}${RUN_FULL}" != 00 ]; then
+  echo "RUN_CONTROL and RUN_FULL are for the small demo net (their snapshots need MODEL_DIR in the solver files)" >&2
+  exit 2
+fi
 
 if [ "${RUN_TRAIN}" = 1 ]; then
   INIT=$(init_model)
@@ -113,7 +122,7 @@ if [ "${RUN_TEST}" = 1 ]; then
     label=${entry%%:*}
     model=$(latest "${entry#*:}")
     [ -n "${model}" ] || continue
-    run test.log ${RLOSS} test --model="${CONFIG_DIR}/test.prototxt" --weights="${model}" \
+    run "test_$(basename "${model}" .caffemodel).log" ${RLOSS} test --model="${CONFIG_DIR}/test.prototxt" --weights="${model}" \
       --iterations="${TEST_ITER}" ${GPU_FLAG} $(set_vars) --metrics_json="${LOG_DIR}/metrics.json"
     ${PYTHON} -c "import json,sys; m=json.load(open(sys.argv[1])); print('%-42s %6.2f %6.2f  %s' % (sys.argv[2], 100*m['mean_iou'], 100*m['pixel_accuracy'], sys.argv[3]))" \
       "${LOG_DIR}/metrics.json" "${label}" "${model}" >> "${RESULTS}"

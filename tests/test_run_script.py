@@ -1,0 +1,36 @@
+"""exper/run_pascal_scribble.sh end to end on its embedded default, shortened: synthetic data generated,
+phase 1 (partial cross-entropy), phase 2 (+ DenseCRF loss) from phase 1's snapshot, the control and
+full-supervision runs, tests, and the mIoU table."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_run_script_runs_all_phases_and_prints_the_table(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO), RUN_CONTROL="1", RUN_FULL="1",
+               DATA_ROOT=f"{tmp_path}/data/", MODEL_DIR=str(tmp_path / "model"), LOG_DIR=str(tmp_path / "log"),
+               MAX_ITER="4", STEPSIZE="2", MAX_ITER2="2", STEPSIZE2="1", BATCH_SIZE="2", CROP_SIZE="33")
+    subprocess.run([sys.executable, "-m", "rloss.data.synthetic", f"{tmp_path}/data", "--train", "4", "--val", "2",
+                    "--size", "33", "--classes", "3"], check=True, env=env, capture_output=True)
+    done = subprocess.run(["sh", str(REPO / "exper" / "run_pascal_scribble.sh")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for snapshot in ("train_iter_4", "trainwithdensecrfloss_iter_2", "control/trainwithdensecrfloss_iter_2",
+                     "full/train_iter_4"):
+        assert (tmp_path / "model" / f"{snapshot}.caffemodel").is_file(), snapshot
+        assert (tmp_path / "model" / f"{snapshot}.solverstate").is_file(), snapshot
+    phase2 = (tmp_path / "log" / "trainwithdensecrfloss.log").read_text()
+    assert "densecrf_loss" in phase2 and f"{tmp_path}/model/train_iter_4.caffemodel" in done.stdout
+    table = done.stdout[done.stdout.index("small_fcn on val"):].splitlines()
+    rows = [line for line in table[2:] if line.strip()]
+    assert [row[:42].strip() for row in rows] == [
+        "partial cross-entropy", "+ DenseCRF loss", "partial cross-entropy, as long (control)", "full supervision"]
+    for row in rows:
+        miou, accuracy = (float(v) for v in row[42:].split()[:2])
+        assert 0 <= miou <= 100 and 0 <= accuracy <= 100
