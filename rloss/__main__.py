@@ -1,4 +1,4 @@
-"""`python -m rloss {train,test,time,device_query} [flags]`: caffe.bin's commands and flags
+"""`python -m rloss {train,test,time,device_query,infer} [flags]`: caffe.bin's commands and flags
 (`--solver=PATH` and `--solver PATH` both work, as do gflags' single-dash forms), plus `--set VAR=VALUE`.
 
 * `train`: as `caffe.bin train` (see rloss.solve).
@@ -6,6 +6,8 @@
   matrix accumulated over the whole run (pixel accuracy, mean accuracy, mean IoU), and with
   `--output_dir` the predicted label maps as VOC-palette PNGs.
 * `time`: as `caffe.bin time`: average forward and backward milliseconds per layer.
+* `infer`: segment one image or a folder with a test net (VOC-palette PNGs, overlays, optional
+  DenseCRF post-processing and MatWrite .mat features; see rloss.infer).
 
 Errors in the user's files end with one line `rloss: error: ...` (exit 1); bad flags exit 2.
 """
@@ -25,6 +27,7 @@ import torch
 from rloss.caffe_log import caffe_float, caffe_number
 from rloss.data.listfile import read_list
 from rloss.errors import DataError, NetError, RlossError
+from rloss.infer import add_infer_flags, check_infer_args, infer
 from rloss.metrics import (
     class_iou,
     confusion_matrix,
@@ -368,7 +371,7 @@ def device_query(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rloss", description="caffe.bin's commands on PyTorch.")
-    commands = parser.add_subparsers(dest="command", metavar="{train,test,time,device_query}")
+    commands = parser.add_subparsers(dest="command", metavar="{train,test,time,device_query,infer}")
     commands.required = True
     train_parser = commands.add_parser("train", help="train a solver file")
     train_parser.add_argument("--solver", "-solver", default="", help="solver prototxt")
@@ -385,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     time_parser = commands.add_parser("time", help="per-layer forward/backward timing")
     _model_flags(time_parser)
     commands.add_parser("device_query", help="list CUDA devices")
+    infer_parser = commands.add_parser("infer", help="segment images with a test net and its weights")
+    add_infer_flags(infer_parser)
+    add_set_flag(infer_parser)
     return parser
 
 
@@ -395,8 +401,12 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     add_set_flag(parser)
 
 
+def infer_command(args: argparse.Namespace) -> None:
+    infer(args, voc_palette())
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
-    "train": train, "test": test, "time": time_command, "device_query": device_query,
+    "train": train, "test": test, "time": time_command, "device_query": device_query, "infer": infer_command,
 }
 
 
@@ -405,6 +415,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "train":
         check_train_args(parser, args)
+    elif args.command == "infer":
+        check_infer_args(parser, args)
     elif args.command in ("test", "time"):
         if not args.model:
             parser.error(f"{args.command} needs a net: --model=NET.prototxt")

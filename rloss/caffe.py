@@ -7,9 +7,15 @@
     net.backward()
     net.params["conv1"][0].diff
 
+    solver = caffe.SGDSolver("solver.prototxt")
+    solver.net.copy_from("init.caffemodel")
+    solver.step(1)
+    solver.net.blobs["fc8_interp"].diff      # that iteration's gradient
+
 Blob data and diffs are numpy arrays that share memory with the net's tensors where Caffe's do
 (inputs, parameters), so writing into them changes what the net computes, as in pycaffe.
-`${VAR}` placeholders in prototxt files are taken from the environment.
+`${VAR}` placeholders in prototxt files are taken from the environment. As in pycaffe, the device
+is the one chosen with set_mode_cpu/set_mode_gpu (the solver file's solver_mode is not used).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import torch
 from rloss.errors import NetError
 from rloss.net import Net as _Net
 from rloss.proto import caffe_pb2
+from rloss.solver import SGDSolver as _SGDSolver
+from rloss.solver import share_trained_layers
 
 TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST
@@ -160,11 +168,15 @@ class Net:
         net.keep_blob_diffs = True
         self._diffs: dict[str, np.ndarray] = {}
         self._overwritten: set[str] = set()
+        self._seen_blobs: dict | None = None  # the net's blobs when this wrapper last looked at them
         self._seed_loss_diffs()
         self.blobs: OrderedDict[str, Blob] = OrderedDict((name, Blob(self, name)) for name in self._blob_names())
-        self.params: OrderedDict[str, list[Param]] = OrderedDict(
-            (layer, [Param(p) for p in blobs]) for layer, blobs in net.params.items()
-        )
+
+    @property
+    def params(self) -> OrderedDict[str, list[Param]]:
+        """Per layer, its parameter blobs (read at each access: a solver's test nets take the train
+        net's parameters when they are tested)."""
+        return OrderedDict((layer, [Param(p) for p in blobs]) for layer, blobs in self._net.params.items())
 
     # ---- pycaffe API ------------------------------------------------------------------------
     @property
@@ -197,12 +209,14 @@ class Net:
         for name, value in inputs.items():
             self.blobs[name].data[...] = value
         self._loss = self._net.forward()
+        self._seen_blobs = self._net.blob_data
         self._note_in_place_inputs()
         return {name: self.blobs[name].data for name in list(self.outputs) + list(blobs or [])}
 
     def backward(self, diffs: list[str] | None = None, **output_diffs) -> dict[str, np.ndarray]:
         """Back-propagate from the diffs the output blobs hold (loss tops hold their loss weight);
         keyword arguments set output diffs first. Returns the input blobs' diffs."""
+        self._sync()
         for name, value in output_diffs.items():
             self.blobs[name].diff[...] = value
         seeds = {name: torch.from_numpy(self._diff_array(name)) for name in self.outputs}
@@ -222,6 +236,10 @@ class Net:
     def save(self, path: Union[str, Path]) -> None:
         self._net.save(str(path))
 
+    def share_with(self, other: Net) -> None:
+        """Use `other`'s parameters in the layers of the same name (as a solver's test nets do)."""
+        share_trained_layers(self._net, other._net)
+
     def reshape(self) -> None:
         """Shapes follow the inputs at every forward; kept for pycaffe compatibility."""
 
@@ -234,7 +252,27 @@ class Net:
             if not name.startswith("("):
                 self._diffs[name] = np.full(self._net.blob_shapes[name], weight, dtype=np.float32)
 
+    def _sync(self) -> None:
+        """After a forward and backward run outside this wrapper (a solver's step), show that run's
+        data and diffs, as Caffe's blobs would hold them."""
+        current = self._net.blob_data
+        if current is self._seen_blobs or not current:
+            return
+        self._seen_blobs = current
+        self._note_in_place_inputs()
+        loss_weights = dict(self._net.loss_top_names())
+        self._diffs = {name: self._solver_diff(name, loss_weights.get(name)) for name in self.blobs}
+
+    def _solver_diff(self, name: str, loss_weight: float | None) -> np.ndarray:
+        """A blob's diff after the last backward; a loss top holds its loss weight (as in Caffe) even
+        when nothing was back-propagated through it."""
+        diff = self._net.blob_diff(name).detach()
+        if loss_weight is not None and not self._net.blob_data[name].requires_grad:
+            diff = torch.full_like(diff, loss_weight)
+        return diff.cpu().numpy()
+
     def _data_array(self, name: str) -> np.ndarray:
+        self._sync()
         if name in self._net.inputs and name not in self._overwritten:
             return _numpy_view(self._net.input_tensor(name))
         value = self._net.blob_data.get(name)
@@ -243,6 +281,7 @@ class Net:
         return _numpy_view(value)
 
     def _diff_array(self, name: str) -> np.ndarray:
+        self._sync()
         if name not in self._diffs or self._diffs[name].shape != self._data_array(name).shape:
             self._diffs[name] = np.zeros(self._data_array(name).shape, dtype=np.float32)
         return self._diffs[name]
@@ -263,3 +302,43 @@ class Net:
         self._net.feed(name, torch.zeros(shape, device=self._net.device))
         self._diffs.pop(name, None)
         self._overwritten.discard(name)
+
+
+class SGDSolver:
+    """pycaffe's `caffe.SGDSolver(solver_prototxt)`: Caffe's SGD solver (rloss.solver) on the device of
+    set_mode_cpu/set_mode_gpu, `${VAR}`s from the environment. `net` and `test_nets` are `Net`s over
+    the solver's own nets, so after `step(n)` their blobs hold the last iteration's data and diffs
+    (the weights already updated, each parameter diff holding the step taken)."""
+
+    def __init__(self, solver_file: Union[str, Path]):
+        self._solver = _SGDSolver(str(solver_file), device=current_device())
+        self.net = Net._wrap(self._solver.net)
+        self.test_nets = [Net._wrap(net) for net in self._solver.test_nets]
+
+    @property
+    def iter(self) -> int:
+        return self._solver.iter
+
+    @property
+    def param(self) -> caffe_pb2.SolverParameter:
+        return self._solver.param
+
+    def step(self, iterations: int) -> None:
+        """`iterations` training iterations (forward, backward, update), with Caffe's display and tests."""
+        self._solver.step(int(iterations))
+
+    def solve(self, resume_file: Union[str, Path, None] = None) -> None:
+        """Train to max_iter (resuming from a .solverstate if given), then snapshot and test as Caffe does."""
+        self._solver.solve(str(resume_file) if resume_file else None)
+
+    def restore(self, state_file: Union[str, Path]) -> None:
+        self._solver.restore(str(state_file))
+
+    def snapshot(self) -> None:
+        """Write `<snapshot_prefix>_iter_<iter>.caffemodel` and `.solverstate`."""
+        self._solver.snapshot()
+
+
+def get_solver(solver_file: Union[str, Path]) -> SGDSolver:
+    """pycaffe's `caffe.get_solver`: the solver of the file's type (rloss implements SGD)."""
+    return SGDSolver(solver_file)

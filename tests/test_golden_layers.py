@@ -9,6 +9,7 @@ import pytest
 
 from rloss import caffe
 from tests.conftest import shared_path
+from tests.helpers import relative_error
 
 CASES = [
     "conv_dilation", "pooling", "interp", "eltwise", "softmax", "softmax_loss_ignore255", "seg_accuracy",
@@ -16,13 +17,6 @@ CASES = [
 ]
 # The lattice is approximate: the loss must match to 1e-4, its gradient to 1e-3 (issue 3).
 GRADIENT_TOLERANCE = {"densecrf_loss_81_w1": 1e-3, "densecrf_loss_41_w1e-8": 1e-3, "densecrf_chain_81": 1e-3}
-
-
-def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    """max |actual - expected| relative to max |expected| (float32 round-off scale)."""
-    assert actual.shape == expected.shape, f"shape {actual.shape} != {expected.shape}"
-    scale = max(float(np.abs(expected).max()) if expected.size else 0.0, 1e-12)
-    return float(np.abs(actual.astype(np.float64) - expected).max()) / scale if expected.size else 0.0
 
 
 def _files(case_dir, prefix: str) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ from rloss.__main__ import main
 from rloss.io import read_net_param, read_solver_state
 from rloss.proto.blob import blob_to_array
 from tests.conftest import REPO, shared_path
+from tests.helpers import relative_error
 
 pytest.importorskip("h5py")
 LOG_LINE = re.compile(r"(Iteration \d+, (?:loss|lr) = \S+|Train net output #\d+: .*)$")
@@ -31,10 +32,6 @@ def golden_copy(tmp_path, monkeypatch):
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("snap_iter_[1-9]*"))
     monkeypatch.chdir(tmp_path)
     return source
-
-
-def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    return float(np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-30))
 
 
 def snapshot_errors(run: Path, golden: Path, k: int) -> float:

@@ -12,18 +12,13 @@ from rloss.errors import LayerError
 from rloss.layers import layer_class
 from rloss.proto import caffe_pb2
 from tests.conftest import shared_path
+from tests.helpers import layer_from_text, relative_error
 
 TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
 
 
-def build(text: str, shapes, phase=TRAIN):
-    param = text_format.Parse(text, caffe_pb2.LayerParameter())
-    return layer_class(param.type)(param, shapes, phase)
-
-
-def rel_err(actual, expected) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-12))
+build = layer_from_text
+rel_err = relative_error
 
 
 def randn(*shape, seed=0, dtype=torch.float32):

@@ -14,22 +14,13 @@ from rloss.errors import LayerError
 from rloss.layers import layer_class, vision
 from rloss.proto import caffe_pb2
 from tests.conftest import shared_path
+from tests.helpers import layer_from_text, relative_error
 
 FLT_MAX = float(np.finfo(np.float32).max)
 
 
 def make(text: str, *shapes: tuple[int, ...], phase: int = caffe_pb2.TRAIN):
-    """A layer built from one prototxt `layer { ... }` body and its bottoms' shapes."""
-    param = text_format.Parse(text, caffe_pb2.LayerParameter())
-    return layer_class(param.type)(param, list(shapes), phase)
-
-
-def relative_error(actual, expected) -> float:
-    actual = actual.detach().cpu().numpy() if isinstance(actual, torch.Tensor) else np.asarray(actual)
-    expected = np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape, f"shape {actual.shape} != {expected.shape}"
-    scale = max(float(np.abs(expected).max()), 1e-12)
-    return float(np.abs(actual.astype(np.float64) - expected).max()) / scale
+    return layer_from_text(text, shapes, phase)
 
 
 def randn(*shape: int, seed: int = 0) -> np.ndarray:
