@@ -133,6 +133,26 @@ class Param:
         return self._tensor.numel()
 
 
+class Layer:
+    """One layer of a net, as pycaffe shows it: `.type` and `.blobs` (its parameters); also `.param`,
+    its LayerParameter (an rloss addition: pycaffe scripts re-read the prototxt for that)."""
+
+    def __init__(self, layer):
+        self._layer = layer
+
+    @property
+    def type(self) -> str:
+        return self._layer.param.type
+
+    @property
+    def param(self) -> caffe_pb2.LayerParameter:
+        return self._layer.param
+
+    @property
+    def blobs(self) -> list[Param]:
+        return [Param(p) for p in self._layer.blobs]
+
+
 def _numpy_view(tensor: torch.Tensor) -> np.ndarray:
     """Shares memory on the CPU; a copy for CUDA tensors (pycaffe's GPU blobs are also synced copies)."""
     return tensor.detach().numpy() if tensor.device.type == "cpu" else tensor.detach().cpu().numpy()
@@ -188,8 +208,8 @@ class Net:
         return list(self._net.outputs)
 
     @property
-    def layers(self) -> list:
-        return list(self._net.layers)
+    def layers(self) -> list[Layer]:
+        return [Layer(layer) for layer in self._net.layers]
 
     @property
     def _layer_names(self) -> list[str]:

@@ -88,6 +88,11 @@ def data_layers_to_inputs(net_param, batch_size: int | None = None):
     out = caffe_pb2.NetParameter()
     out.CopyFrom(net_param)
     del out.layer[:]
+    if out.input_dim:  # declare every input by input_shape, so that ours can be added
+        dims = list(out.input_dim)
+        del out.input_dim[:]
+        for i in range(0, len(dims), 4):
+            out.input_shape.add().dim.extend(dims[i:i + 4])
     for layer in net_param.layer:
         if layer.type not in FEEDABLE_DATA_LAYERS:
             out.layer.add().CopyFrom(layer)

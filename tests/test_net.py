@@ -125,3 +125,46 @@ def test_bad_nets_give_clear_errors(case: str) -> None:
         build(text)
     assert expected in str(info.value)
     assert "test.prototxt" in str(info.value)
+
+
+def test_weights_survive_save_load_save_byte_identically(tmp_path) -> None:
+    text = HEAD + conv("c1", "x", "a") + 'layer { name: "r" type: "ReLU" bottom: "a" top: "a" }' + conv("c2", "a", "b")
+    first = build(text)
+    first.save(tmp_path / "one.caffemodel")
+    second = build(text)  # other random fillers
+    second.copy_from(tmp_path / "one.caffemodel")
+    second.save(tmp_path / "two.caffemodel")
+    assert (tmp_path / "one.caffemodel").read_bytes() == (tmp_path / "two.caffemodel").read_bytes()
+    for a, b in zip(first.learnable_tensors(), second.learnable_tensors()):
+        assert torch.equal(a, b)
+
+
+V1_NET = '''name: "v1" input: "x" input_dim: 1 input_dim: 3 input_dim: 8 input_dim: 8
+layers { name: "conv" type: CONVOLUTION bottom: "x" top: "y" blobs_lr: 1 blobs_lr: 2 weight_decay: 1 weight_decay: 0
+  convolution_param { num_output: 2 kernel_size: 3 } }
+layers { name: "relu" type: RELU bottom: "y" top: "y" }
+'''
+
+
+def test_v1_net_with_a_v1_caffemodel_loads(tmp_path) -> None:
+    from rloss.proto.blob import array_to_blob
+
+    (tmp_path / "v1.prototxt").write_text(V1_NET)
+    weights, bias = np.random.RandomState(3).randn(2, 3, 3, 3).astype(np.float32), np.array([0.5, -1], np.float32)
+    model = caffe_pb2.NetParameter(name="v1")
+    layer = model.layers.add(name="conv", type=caffe_pb2.V1LayerParameter.CONVOLUTION)
+    layer.blobs.append(array_to_blob(weights))
+    legacy_bias = layer.blobs.add(num=1, channels=1, height=1, width=2)  # the legacy 4-D encoding
+    legacy_bias.data.extend(bias.tolist())
+    (tmp_path / "v1.caffemodel").write_bytes(model.SerializeToString())
+
+    net = caffe.Net(str(tmp_path / "v1.prototxt"), str(tmp_path / "v1.caffemodel"), caffe.TEST)
+    np.testing.assert_array_equal(net.params["conv"][0].data, weights)
+    np.testing.assert_array_equal(net.params["conv"][1].data, bias)
+    specs = net._net.learnable
+    assert [(e.lr_mult, e.decay_mult) for e in specs] == [(1, 1), (2, 0)]
+    x = np.random.RandomState(4).randn(1, 3, 8, 8).astype(np.float32)
+    out = net.forward(x=x)["y"]
+    expected = torch.relu(torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(weights),
+                                                     torch.from_numpy(bias)))
+    np.testing.assert_allclose(out, expected.numpy(), rtol=1e-5, atol=1e-6)
