@@ -79,7 +79,7 @@ NETS = {
         HERE.parent / "prototxt" / "small_fcn" / "trainwithdensecrfloss.prototxt",
         {"CONFIG_DIR": ".", "MODEL_DIR": ".", "LIST_DIR": ".", "STEPSIZE2": "100", "BASE_LR2": "0.001",
          "MAX_ITER2": "1", "BATCH_SIZE": "1", "BI_XY_STD": "30", "BI_RGB_STD": "15"},
-        4, 4e-7),
+        4, 2e-6),
     "deeplab_largeFOV": NetFiles(
         HERE / "pascal_scribble" / "config" / "deeplab_largeFOV" / "solverwithdensecrfloss.prototxt",
         HERE / "pascal_scribble" / "config" / "deeplab_largeFOV" / "trainwithdensecrfloss.prototxt",
@@ -264,7 +264,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num_labels", type=int, default=21, help="classes in --image mode (default 21)")
     parser.add_argument("--crop", type=int, default=0, help="crop size in --image mode (default: whole image)")
     parser.add_argument("--loss_weight", type=float, default=None,
-                        help="DenseCRF loss weight in --image mode (default: the net's, 1e-8 or 4e-7)")
+                        help="DenseCRF loss weight in --image mode (default: the net's, 1e-8 or 2e-6)")
     parser.add_argument("--out_dir", default="visualization", help="where the figures go (default visualization)")
     args = parser.parse_args(argv)
     if bool(args.image) != bool(args.scribble):

@@ -42,7 +42,7 @@ from rloss.errors import DataError, NetError, ProtoError
 from rloss.layers.registry import layer_class
 from rloss.metrics import predict_labels
 from rloss.net import Net
-from rloss.paths import parse_assignments, resolve_input, resolve_net_file, variable_values
+from rloss.paths import parse_assignments, resolve_net_file, variable_values
 from rloss.proto import caffe_pb2
 from rloss.proto.text import read_net, read_text
 
@@ -222,8 +222,7 @@ class Segmenter:
         self.model_path = path
         self.model_text = read_text(path)
         self.net_param = read_net(path, caffe_pb2.TEST, values=values, defaults=defaults)
-        self.values, self.defaults = values, defaults
-        self.weights = [str(resolve_input(w)) for w in weights]
+        self.weights = list(weights)
         self.requested_score_blob = score_blob
         self.crf_param = crf
         self.device = device or torch.device("cpu")

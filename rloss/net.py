@@ -69,6 +69,7 @@ class Net(nn.Module):
             raise NetError(f"{source}: {error}") from None
         self.net_param = insert_splits(net_param, list(self.inputs))
         self.layers = nn.ModuleList()
+        self.input_layer_tops: dict[str, Layer] = {}
         self._steps: list[_Step] = []
         self.blob_shapes: dict[str, Shape] = dict(self.inputs)
         self.producers: dict[str, str] = {name: "input" for name in self.inputs}
@@ -158,6 +159,8 @@ class Net(nn.Module):
                 if i < len(detach):
                     detach[i] = True
             loss_tops = [(i, w) for i, w in enumerate(layer.loss_weights) if w != 0]
+            if cls.type_name == "Input":
+                self.input_layer_tops.update((top, layer) for top in param.top)
             self.layers.append(layer)
             self._steps.append(_Step(layer, list(param.bottom), tops, detach, loss_tops))
         self._available = available
@@ -217,15 +220,29 @@ class Net(nn.Module):
             return entry.tensor.device
         return torch.device("cpu")
 
+    @property
+    def feedable(self) -> list[str]:
+        """Blobs a caller can set: the net-level inputs, then the tops of Input layers."""
+        return list(self.inputs) + list(self.input_layer_tops)
+
     def feed(self, name: str, value: torch.Tensor) -> None:
-        """Set the value of a net input (a blob declared with `input:`) for the next forward."""
-        if name not in self.inputs:
-            inputs = ", ".join(self.inputs) or "none"
+        """Set the value of an input blob (`input:` or an Input layer's top) for the next forward."""
+        if name in self.input_layer_tops:
+            self.input_layer_tops[name].feed(name, value)
+        elif name in self.inputs:
+            self._feeds[name] = value
+        else:
+            inputs = ", ".join(self.feedable) or "none"
             raise NetError(f"{self.source}: '{name}' is not an input of the net (inputs: {inputs})")
-        self._feeds[name] = value
 
     def input_tensor(self, name: str) -> torch.Tensor:
         """The tensor an input blob holds (zeros of its declared shape until fed)."""
+        layer = self.input_layer_tops.get(name)
+        if layer is not None:
+            index = list(layer.param.top).index(name)
+            if layer.fed[index] is None:
+                layer.feed(index, torch.zeros(layer.top_shapes[index], device=self.device))
+            return layer.fed[index]
         if name not in self._feeds:
             self._feeds[name] = torch.zeros(self.inputs[name], device=self.device)
         return self._feeds[name]

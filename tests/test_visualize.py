@@ -58,7 +58,7 @@ def test_figures_are_written_at_640x480(run) -> None:
 
 def test_gradient_is_the_densecrf_rule_through_the_softmax(run) -> None:
     figures, _, _ = run
-    assert figures.loss_weight == pytest.approx(4e-7) and figures.batch_size == 1
+    assert figures.loss_weight == pytest.approx(2e-6) and figures.batch_size == 1
     data, prob = figures.data.astype(np.float32), figures.prob.astype(np.float32)
     mask = (np.trunc(data) != 0).any(axis=0).astype(np.float32)
     filtered = bilateral_filter(data[None], (prob * mask)[None], figures.sigma_rgb, figures.sigma_xy)[0]

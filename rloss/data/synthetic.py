@@ -13,8 +13,9 @@ class indices, 0 = background), list files under `list/` as in the PASCAL and MS
 `train.txt` (image + scribbles), `train_full.txt` (image + full ground truth), `val.txt` (image +
 ground truth), `train_id.txt`, `val_id.txt`; and `classes.txt`.
 
-Command line: `python -m rloss.data.synthetic OUT_DIR [--train N] [--val N] [--size S] [--classes C]`. Everything is a function of the seed. Images are PNG so that the files do not depend
-on a JPEG encoder's version.
+Everything is a function of the seed. Images are PNG so that the files do not depend on a JPEG
+encoder's version. Command line:
+`python -m rloss.data.synthetic OUT_DIR [--train N] [--val N] [--size S] [--classes C]`.
 """
 
 from __future__ import annotations

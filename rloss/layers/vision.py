@@ -412,7 +412,16 @@ class Interp(Layer):
         source = x[..., first : first + height, first : first + width]
         if (height, width) == out:
             return [source.clone()]
-        return [_resize_align_corners(source, *out)]
+        if _is_label_map(source):
+            return [_resize_align_corners(source, *out)]
+        return [F.interpolate(source, size=out, mode="bilinear", align_corners=True)]
+
+
+def _is_label_map(x: torch.Tensor) -> bool:
+    """One channel and no gradient: a label map, whose values consumers truncate to int. It takes the
+    bit-exact path, since one ulp can flip a truncated label; everything else (scores, images) takes
+    F.interpolate, the same sampling within an ulp and 10-40x faster with its backward."""
+    return x.shape[1] == 1 and not x.requires_grad
 
 
 # ---- Crop -----------------------------------------------------------------------------------
