@@ -142,15 +142,23 @@ FeatureSource FeatureSource::from_image(const float* img, int channels, int64_t 
 // ------------------------------------------------------------------------------------------------
 // KeyTable
 
-void KeyTable::reset(int key_len, std::size_t expected) {
-  key_len_ = key_len;
-  count_ = 0;
+namespace {
+// Open-addressing geometry for `expected` keys: a power-of-two capacity of at least twice that
+// (16 at least) and the shift that maps a 64-bit multiplicative hash onto it.
+std::size_t table_capacity(std::size_t expected, int* shift) {
   std::size_t cap = 16;
   while (cap < 2 * expected) cap *= 2;
   int bits = 0;
   while ((std::size_t{1} << bits) < cap) ++bits;
-  shift_ = 64 - bits;
-  slots_.assign(cap, Slot{0, -1});
+  *shift = 64 - bits;
+  return cap;
+}
+}  // namespace
+
+void KeyTable::reset(int key_len, std::size_t expected) {
+  key_len_ = key_len;
+  count_ = 0;
+  slots_.assign(table_capacity(expected, &shift_), Slot{0, -1});
   keys_.clear();
   hashes_.clear();
   keys_.reserve(expected * key_len);
@@ -226,12 +234,7 @@ constexpr uint64_t kHashMul = 0x9E3779B97F4A7C15ull;
 
 void PackedTable::reset(std::size_t expected) {
   count_ = 0;
-  std::size_t cap = 16;
-  while (cap < 2 * expected) cap *= 2;
-  int bits = 0;
-  while ((std::size_t{1} << bits) < cap) ++bits;
-  shift_ = 64 - bits;
-  slots_.assign(cap, Slot{0, -1, 0});
+  slots_.assign(table_capacity(expected, &shift_), Slot{0, -1, 0});
   keys_.resize(expected);
 }
 
