@@ -201,7 +201,7 @@ class Net:
     # ---- pycaffe API ------------------------------------------------------------------------
     @property
     def inputs(self) -> list[str]:
-        return list(self._net.inputs)
+        return self._net.feedable
 
     @property
     def outputs(self) -> list[str]:
@@ -293,7 +293,7 @@ class Net:
 
     def _data_array(self, name: str) -> np.ndarray:
         self._sync()
-        if name in self._net.inputs and name not in self._overwritten:
+        if name in self._net.feedable and name not in self._overwritten:
             return _numpy_view(self._net.input_tensor(name))
         value = self._net.blob_data.get(name)
         if value is None:
@@ -309,7 +309,7 @@ class Net:
     def _note_in_place_inputs(self) -> None:
         """Inputs that in-place layers overwrote: their blob shows the result, and the next forward
         starts from it, as Caffe's shared blob memory does."""
-        self._overwritten = {n for n in self._net.inputs if self._net.blob_data[n] is not self._net.input_tensor(n)}
+        self._overwritten = {n for n in self._net.feedable if self._net.blob_data[n] is not self._net.input_tensor(n)}
 
     def _feed_overwritten_inputs(self) -> None:
         for name in self._overwritten:
@@ -317,7 +317,7 @@ class Net:
         self._overwritten = set()
 
     def _reshape_input(self, name: str, shape: tuple[int, ...]) -> None:
-        if name not in self._net.inputs:
+        if name not in self._net.feedable:
             raise NetError(f"blob '{name}' is not a net input; only inputs can be reshaped")
         self._net.feed(name, torch.zeros(shape, device=self._net.device))
         self._diffs.pop(name, None)

@@ -168,3 +168,14 @@ def test_v1_net_with_a_v1_caffemodel_loads(tmp_path) -> None:
     expected = torch.relu(torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(weights),
                                                      torch.from_numpy(bias)))
     np.testing.assert_allclose(out, expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_input_layer_tops_are_fed_like_net_inputs() -> None:
+    text = ('name: "t" layer { name: "in" type: "Input" top: "x" '
+            'input_param { shape { dim: 1 dim: 2 dim: 3 dim: 3 } } } '
+            'layer { name: "r" type: "ReLU" bottom: "x" top: "y" }')
+    net = caffe.Net._wrap(build(text))
+    assert net.inputs == ["x"]
+    net.blobs["x"].data[...] = -1.0
+    net.blobs["x"].data[0, 0, 0, 0] = 5.0
+    assert float(net.forward()["y"].sum()) == 5.0
