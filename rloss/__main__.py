@@ -38,6 +38,7 @@ from rloss.metrics import (
     predict_labels,
 )
 from rloss.net import Net
+from rloss.palette import write_label_png
 from rloss.paths import (
     anchors_of,
     parse_assignments,
@@ -73,21 +74,6 @@ def load_model(args: argparse.Namespace, phase: int) -> Net:
 
 # ---- test ---------------------------------------------------------------------------------------------
 
-def voc_palette() -> list[int]:
-    """The PASCAL VOC colour map (class i's colour from the bits of i), flattened for PIL."""
-    palette = []
-    for index in range(256):
-        red = green = blue = 0
-        code = index
-        for shift in range(7, -1, -1):
-            red |= (code & 1) << shift
-            green |= ((code >> 1) & 1) << shift
-            blue |= ((code >> 2) & 1) << shift
-            code >>= 3
-        palette += [red, green, blue]
-    return palette
-
-
 class Evaluation:
     """A confusion matrix over the run, from the scores blob (the one feeding the SegAccuracy layer
     unless --score_blob names another) and the label blob, and optional PNGs of the predictions."""
@@ -108,7 +94,6 @@ class Evaluation:
         self.names = sample_names(net)
         self.matrix: torch.Tensor | None = None
         self.samples = 0
-        self.palette = voc_palette()
 
     @property
     def active(self) -> bool:
@@ -135,14 +120,11 @@ class Evaluation:
         self.matrix = counts if self.matrix is None else self.matrix + counts
 
     def _write(self, predictions: torch.Tensor) -> None:
-        from PIL import Image
-
         sizes = self._valid_sizes(predictions.shape[0])
         for n in range(predictions.shape[0]):
             height, width = sizes[n] if sizes else predictions.shape[-2:]
-            image = Image.fromarray(predictions[n, :height, :width].numpy().astype(np.uint8), mode="P")
-            image.putpalette(self.palette)
-            image.save(self.output_dir / f"{self.names(self.samples + n)}.png")
+            name = self.names(self.samples + n)
+            write_label_png(predictions[n, :height, :width].numpy(), self.output_dir / f"{name}.png")
 
     def _valid_sizes(self, count: int) -> list[tuple[int, int]]:
         """Per sample, the image size before padding (the `data_dim` blob of DeepLab test nets)."""
@@ -402,7 +384,7 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def infer_command(args: argparse.Namespace) -> None:
-    infer(args, voc_palette())
+    infer(args)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {

@@ -42,6 +42,7 @@ from rloss.errors import DataError, NetError, ProtoError
 from rloss.layers.registry import layer_class
 from rloss.metrics import predict_labels
 from rloss.net import Net
+from rloss.palette import VOC_PALETTE, write_label_png
 from rloss.paths import parse_assignments, resolve_net_file, variable_values
 from rloss.proto import caffe_pb2
 from rloss.proto.text import read_net, read_text
@@ -294,14 +295,6 @@ class Segmenter:
 
 # ---- writing ----------------------------------------------------------------------------------------
 
-def write_label_png(labels: np.ndarray, palette: list[int], path: Path) -> None:
-    from PIL import Image
-
-    image = Image.fromarray(labels, mode="P")
-    image.putpalette(palette)
-    image.save(path)
-
-
 def overlay(pixels: np.ndarray, labels: np.ndarray, palette: list[int]) -> np.ndarray:
     """RGB pixels (H, W, 3) blended half and half with the colours of the labels (H, W)."""
     colours = np.asarray(palette, dtype=np.float32).reshape(-1, 3)[labels]
@@ -351,7 +344,7 @@ def check_infer_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error("--crf_params needs --crf")
 
 
-def infer(args: argparse.Namespace, palette: list[int]) -> None:
+def infer(args: argparse.Namespace) -> None:
     """Segment the images of --image/--images and write the results (module doc)."""
     from PIL import Image
 
@@ -370,8 +363,8 @@ def infer(args: argparse.Namespace, palette: list[int]) -> None:
     mat_dir = Path(args.mat_write) if args.mat_write else None
     count = 0
     for result in segmenter.segment(paths):
-        write_label_png(result.labels, palette, output / f"{result.name}.png")
-        Image.fromarray(overlay(result.image, result.labels, palette)).save(output / f"{result.name}_overlay.png")
+        write_label_png(result.labels, output / f"{result.name}.png")
+        Image.fromarray(overlay(result.image, result.labels, VOC_PALETTE)).save(output / f"{result.name}_overlay.png")
         if mat_dir is not None:
             write_mat(result.scores, mat_dir / f"{result.name}_blob_0.mat")
             if result.crf is not None:
