@@ -55,39 +55,51 @@ py::array_t<float> make_or_check_out(py::object out, const std::vector<py::ssize
   return py::reinterpret_borrow<py::array_t<float>>(arr);
 }
 
-// Batched image filter: image (B, C, H, W), values (B, K, H, W), mask (B, H, W) or None.
+// Checked arguments of the batched image functions: image (B, C, H, W), values (B, K, H, W),
+// mask (B, H, W) or None.
+struct ImageBatch {
+  const float* image = nullptr;
+  const float* values = nullptr;
+  const float* mask = nullptr;
+  py::ssize_t b = 0, c = 0, h = 0, w = 0;
+  int k = 0;
+
+  ImageBatch(const py::array& img, const py::array& val, float sigma_xy, float sigma_rgb, const py::object& mk,
+             bool roi_from_image) {
+    image = checked(img, "image", 4, /*channels may be 0: spatial features only*/ 1);
+    values = checked(val, "values", 4);
+    b = img.shape(0), c = img.shape(1), h = img.shape(2), w = img.shape(3);
+    if (val.shape(0) != b || val.shape(2) != h || val.shape(3) != w)
+      throw InvalidArgument("values " + shape_str(val) + " do not match image " + shape_str(img) +
+                            " (need (B, K, H, W) with the image's B, H, W)");
+    if (c + 2 > rloss::kMaxDim) throw InvalidArgument("image has too many channels: " + std::to_string(c));
+    if (!(sigma_xy > 0.f) || !(sigma_rgb > 0.f)) throw InvalidArgument("sigmas must be > 0");
+    if (!mk.is_none()) {
+      const py::array arr = py::reinterpret_borrow<py::array>(mk);
+      mask = checked(arr, "mask", 3);
+      if (arr.shape(0) != b || arr.shape(1) != h || arr.shape(2) != w)
+        throw InvalidArgument("mask " + shape_str(arr) + " must have shape (B, H, W) of image " + shape_str(img));
+    }
+    if (roi_from_image && mask) throw InvalidArgument("give either mask or roi_from_image, not both");
+    k = to_int_channels(val.shape(1), "value channels");
+  }
+  std::vector<py::ssize_t> values_shape() const { return {b, k, h, w}; }
+};
+
 py::array_t<float> image_batch(const py::array& image, const py::array& values, float sigma_xy, float sigma_rgb,
                                py::object mask, bool mask_output, int num_threads, bool sse_pad,
                                py::object out, bool per_channel, bool roi_from_image) {
-  const float* img = checked(image, "image", 4, /*channels may be 0: spatial features only*/ 1);
-  const float* val = checked(values, "values", 4);
-  const py::ssize_t b = image.shape(0), c = image.shape(1), h = image.shape(2), w = image.shape(3);
-  if (values.shape(0) != b || values.shape(2) != h || values.shape(3) != w)
-    throw InvalidArgument("values " + shape_str(values) + " do not match image " + shape_str(image) +
-                          " (need (B, K, H, W) with the image's B, H, W)");
-  if (c + 2 > rloss::kMaxDim) throw InvalidArgument("image has too many channels: " + std::to_string(c));
-  if (!(sigma_xy > 0.f) || !(sigma_rgb > 0.f)) throw InvalidArgument("sigmas must be > 0");
-  const float* mk = nullptr;
-  py::array mask_arr;
-  if (!mask.is_none()) {
-    mask_arr = py::reinterpret_borrow<py::array>(mask);
-    mk = checked(mask_arr, "mask", 3);
-    if (mask_arr.shape(0) != b || mask_arr.shape(1) != h || mask_arr.shape(2) != w)
-      throw InvalidArgument("mask " + shape_str(mask_arr) + " must have shape (B, H, W) of image " +
-                            shape_str(image));
-  }
-  if (roi_from_image && mk) throw InvalidArgument("give either mask or roi_from_image, not both");
-  const int k = to_int_channels(values.shape(1), "value channels");
-  py::array_t<float> result = make_or_check_out(out, {b, values.shape(1), h, w});
+  const ImageBatch a(image, values, sigma_xy, sigma_rgb, mask, roi_from_image);
+  py::array_t<float> result = make_or_check_out(out, a.values_shape());
   float* o = result.mutable_data();
   {
     py::gil_scoped_release release;
     if (per_channel)
-      rloss::filter_image_batch_per_channel(img, b, static_cast<int>(c), h, w, val, k, o, sigma_xy, sigma_rgb, mk,
-                                            num_threads, sse_pad);
+      rloss::filter_image_batch_per_channel(a.image, a.b, static_cast<int>(a.c), a.h, a.w, a.values, a.k, o,
+                                            sigma_xy, sigma_rgb, a.mask, num_threads, sse_pad);
     else
-      rloss::filter_image_batch(img, b, static_cast<int>(c), h, w, val, k, o, sigma_xy, sigma_rgb, mk, mask_output,
-                                num_threads, sse_pad, roi_from_image);
+      rloss::filter_image_batch(a.image, a.b, static_cast<int>(a.c), a.h, a.w, a.values, a.k, o, sigma_xy,
+                                sigma_rgb, a.mask, mask_output, num_threads, sse_pad, roi_from_image);
   }
   return result;
 }
@@ -194,6 +206,44 @@ PYBIND11_MODULE(_lattice, m) {
       py::arg("mask_output") = false, py::arg("num_threads") = 1, py::arg("sse_pad") = true,
       py::arg("out") = py::none(), py::arg("roi_from_image") = false,
       "Per image: lattice over (x/sxy, y/sxy, c/srgb...), then all K channels filtered in one pass.");
+  py::class_<rloss::DenseCRFLossBatch>(
+      m, "DenseCRFLossBatch",
+      "The DenseCRF loss of a batch in two halves: forward keeps one lattice per image for backward.")
+      .def(py::init<>())
+      .def(
+          "forward",
+          [](rloss::DenseCRFLossBatch& self, const py::array& image, const py::array& segmentation, float sigma_xy,
+             float sigma_rgb, py::object mask, int num_threads, bool sse_pad) {
+            const ImageBatch a(image, segmentation, sigma_xy, sigma_rgb, mask, false);
+            py::array_t<double> dots({a.b, static_cast<py::ssize_t>(a.k)});
+            double* d = dots.mutable_data();
+            {
+              py::gil_scoped_release release;
+              std::lock_guard<std::mutex> lock(self.mutex());
+              self.forward(a.image, a.b, static_cast<int>(a.c), a.h, a.w, a.values, a.k, sigma_xy, sigma_rgb,
+                           a.mask, num_threads, sse_pad, d);
+            }
+            return dots;
+          },
+          py::arg("image"), py::arg("segmentation"), py::arg("sigma_xy"), py::arg("sigma_rgb"),
+          py::arg("mask") = py::none(), py::arg("num_threads") = 1, py::arg("sse_pad") = true,
+          "<m S_c, A(m S)_c> per image and class, (B, K) float64; mask None = the image's ROI mask.")
+      .def(
+          "backward",
+          [](rloss::DenseCRFLossBatch& self, float scale, int num_threads, py::object out) {
+            py::array_t<float> result = make_or_check_out(
+                out, {static_cast<py::ssize_t>(self.batch()), static_cast<py::ssize_t>(self.channels()),
+                      static_cast<py::ssize_t>(self.pixels())});
+            float* o = result.mutable_data();
+            {
+              py::gil_scoped_release release;
+              std::lock_guard<std::mutex> lock(self.mutex());
+              self.backward(o, scale, num_threads);
+            }
+            return result;
+          },
+          py::arg("scale"), py::arg("num_threads") = 1, py::arg("out") = py::none(),
+          "scale * A(m S) m as (B, K, H*W) float32, from the lattices kept by forward.");
   m.def(
       "filter_image_batch_per_channel",
       [](const py::array& image, const py::array& values, float sigma_xy, float sigma_rgb, py::object mask,

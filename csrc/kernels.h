@@ -28,7 +28,7 @@ struct KernelSet {
                 int32_t hi, float* scratch, int kp) = nullptr;
   void (*blur)(const float* Vin, float* Vout, const int32_t* nb, int32_t m0, int32_t m1, int kp) = nullptr;
   void (*slice)(const int32_t* offset, const float* bary, int dp1, const float* V, float alpha, int64_t n,
-                int k, int kp, bool planar, const float* mask, float* out, int64_t p0, int64_t p1,
+                int k, int kp, bool planar, const float* mask, float scale, float* out, int64_t p0, int64_t p1,
                 float* scratch /* 8 * kp floats */) = nullptr;
 };
 

@@ -302,11 +302,13 @@ static inline void gather_point(const int32_t* o, const float* w, int dp1, const
 }
 
 // Slice points [p0, p1): y[p] = sum_r (b_r * alpha) * V[offset_r]; written pixel-major (N x k) or
-// planar (k x N), optionally times mask[p]. acc is scratch of 8 * kp floats.
+// planar (k x N), optionally times mask[p], then times scale (skipped when 1). acc is scratch of
+// 8 * kp floats.
 template <int KP>
 static void slice_range(const int32_t* __restrict offset, const float* __restrict bary, int dp1,
                         const float* __restrict V, float alpha, int64_t n, int k, int kp_rt, bool planar,
-                        const float* mask, float* __restrict out, int64_t p0, int64_t p1, float* acc) {
+                        const float* mask, float scale, float* __restrict out, int64_t p0, int64_t p1,
+                        float* acc) {
   const int kp = KP > 0 ? KP : kp_rt;
   int64_t p = p0;
 #ifdef RLOSS_KERNELS_AVX2
@@ -315,13 +317,17 @@ static void slice_range(const int32_t* __restrict offset, const float* __restric
       for (int i = 0; i < 8; ++i)
         gather_point<KP>(offset + (p + i) * dp1, bary + (p + i) * dp1, dp1, V, alpha, acc + i * kp, kp);
       const __m256 mk = mask ? _mm256_loadu_ps(mask + p) : _mm256_set1_ps(1.f);
+      const __m256 sc = _mm256_set1_ps(scale);
       for (int c = 0; c < k; c += 8) {
         __m256 r[8];
         for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(acc + i * kp + c);
         transpose8(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
         const int ce = c + 8 < k ? 8 : k - c;
-        for (int i = 0; i < ce; ++i)
-          _mm256_storeu_ps(out + static_cast<int64_t>(c + i) * n + p, mask ? _mm256_mul_ps(r[i], mk) : r[i]);
+        for (int i = 0; i < ce; ++i) {
+          __m256 y = mask ? _mm256_mul_ps(r[i], mk) : r[i];
+          if (scale != 1.f) y = _mm256_mul_ps(y, sc);
+          _mm256_storeu_ps(out + static_cast<int64_t>(c + i) * n + p, y);
+        }
       }
     }
   }
@@ -329,11 +335,10 @@ static void slice_range(const int32_t* __restrict offset, const float* __restric
   for (; p < p1; ++p) {
     gather_point<KP>(offset + p * dp1, bary + p * dp1, dp1, V, alpha, acc, kp);
     const float m = mask ? mask[p] : 1.f;
-    if (planar) {
-      for (int c = 0; c < k; ++c) out[static_cast<int64_t>(c) * n + p] = mask ? acc[c] * m : acc[c];
-    } else {
-      float* dst = out + p * k;
-      for (int c = 0; c < k; ++c) dst[c] = mask ? acc[c] * m : acc[c];
+    for (int c = 0; c < k; ++c) {
+      float y = mask ? acc[c] * m : acc[c];
+      if (scale != 1.f) y *= scale;
+      out[planar ? static_cast<int64_t>(c) * n + p : p * k + c] = y;
     }
   }
 }

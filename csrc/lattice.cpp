@@ -500,6 +500,7 @@ bool Lattice::build_with(const FeatureSource& src, int nt, bool sse_pad, Keys& k
   d_ = d;
   n_ = n;
   m_ = 0;
+  spread_k_ = 0;
 
   float scale[kMaxDim];
   {
@@ -616,32 +617,69 @@ void Lattice::key(int32_t m, int32_t* out) const {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Filtering
+// Filtering: spread (splat + blur), then slice
 
-void Lattice::filter(const float* in, float* out, int k, Layout layout, const float* mask, bool mask_output,
-                     int num_threads) {
+namespace {
+
+// Runs body(tid, nth, barrier) on a team of nt threads, or inline when nt == 1. barrier() waits for
+// the whole team.
+template <class F>
+void run_team(int nt, F&& body) {
+  auto no_barrier = []() {};
+  if (nt == 1) {
+    body(0, 1, no_barrier);
+    return;
+  }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+  body(thread_id(), team_size(), []() {
+#pragma omp barrier
+  });
+#else
+  body(0, 1, no_barrier);
+#endif
+}
+
+// Accumulates the elapsed time of consecutive phases of thread 0 into the timing counters.
+struct PhaseClock {
+  bool on;
+  Clock::time_point ts = Clock::now();
+  explicit PhaseClock(int tid) : on(tid == 0 && timers().enabled.load(std::memory_order_relaxed)) {}
+  void lap(TimerId id) {
+    if (!on) return;
+    timers().ns[id].fetch_add(elapsed_ns(ts), std::memory_order_relaxed);
+    ts = Clock::now();
+  }
+};
+
+}  // namespace
+
+int Lattice::team_threads(int num_threads) const {
+  return std::max(1, std::min<int>(num_threads, static_cast<int>(std::max<int64_t>(1, n_ / 2048))));
+}
+
+void Lattice::spread(const float* in, int k, Layout layout, const float* mask, int num_threads, double* dots) {
   if (n_ < 1) throw InvalidArgument("lattice: filter called before build");
   if (k < 1) throw InvalidArgument("lattice: need at least one value channel");
+  spread_k_ = 0;
   const int kp = detail::padded_channels(k);
   const detail::KernelSet ks = detail::kernels_for(kp);
   const int dp1 = d_ + 1;
   const int32_t M = m_;
   const int64_t n = n_;
   const bool planar = layout == Layout::kPlanar;
-  const float alpha = static_cast<float>(1.0 / (1.0 + std::pow(2.0, -d_)));
-  const int nt = std::max(1, std::min<int>(num_threads, static_cast<int>(std::max<int64_t>(1, n / 2048))));
+  const int nt = team_threads(num_threads);
 
   const std::size_t vsize = (static_cast<std::size_t>(M) + 1) * kp;
-  v0_.resize(vsize);
-  v1_.resize(vsize);
+  for (auto& v : vbuf_) v.resize(vsize);
   scratch_.resize(static_cast<std::size_t>(nt) * 8 * kp);
-  float* V[2] = {v0_.data(), v1_.data()};
+  if (dots) dot_scratch_.assign(static_cast<std::size_t>(nt) * k, 0.0);
+  // Splat into V[0]; blur axis 0 reads V[0], then V[1] and V[2] alternate, so the splatted values
+  // survive for the dot products.
+  float* V[3] = {vbuf_[0].data(), vbuf_[1].data(), vbuf_[2].data()};
   const int32_t* nbs = neigh_.data();
   const int32_t* offs = offset_.data();
   const float* bars = bary_.data();
-  const float* omask = mask_output ? mask : nullptr;
-  Timers& tm = timers();
-  const bool timing = tm.enabled.load(std::memory_order_relaxed);
   if (nt > 1 && !cum_valid_) {
     // Splat balance: vertex uses per lattice point, counted on every 4th point (plenty for balancing).
     counts_.assign(M, 0);
@@ -658,25 +696,14 @@ void Lattice::filter(const float* in, float* out, int k, Layout layout, const fl
   }
   // Small blurs run on one thread: not worth d+1 barriers (which hurt a lot on a busy machine).
   const bool serial_blur = static_cast<int64_t>(M) * kp * dp1 <= (int64_t{1} << 22);
+  auto blur_axis = [&](int j, int32_t m0, int32_t m1) {
+    const float* src = j == 0 ? V[0] : V[1 + ((j - 1) & 1)];
+    ks.blur(src, V[1 + (j & 1)], nbs + static_cast<std::size_t>(j) * M * 2, m0, m1, kp);
+  };
   std::atomic<bool> finite{true};
 
-  auto run_team = [&](int tid, int nth, bool with_barrier) {
-    auto barrier = [&]() {
-#ifdef _OPENMP
-      if (with_barrier) {
-#pragma omp barrier
-      }
-#else
-      (void)with_barrier;
-#endif
-    };
-    Clock::time_point ts = Clock::now();
-    auto lap = [&](TimerId id) {
-      if (timing && tid == 0) {
-        tm.ns[id].fetch_add(elapsed_ns(ts), std::memory_order_relaxed);
-        ts = Clock::now();
-      }
-    };
+  run_team(nt, [&](int tid, int nth, auto barrier) {
+    PhaseClock clock(tid);
     float* scratch = scratch_.data() + static_cast<std::size_t>(tid % nt) * 8 * kp;
     // Splat. Thread tid owns the lattice points holding its share of the splat contributions; it
     // walks all points in order and adds only into its own rows (order per row = point order).
@@ -695,47 +722,72 @@ void Lattice::filter(const float* in, float* out, int k, Layout layout, const fl
       }
       float* v = V[0] + static_cast<std::size_t>(lo) * kp;
       std::fill(v, v + static_cast<std::size_t>(hi - lo) * kp, 0.f);
-      if (tid == 0) {
-        std::fill(V[0], V[0] + kp, 0.f);  // slot 0: the zero row for missing neighbours
-        std::fill(V[1], V[1] + kp, 0.f);
-      }
+      if (tid == 0)
+        for (float* b : V) std::fill(b, b + kp, 0.f);  // slot 0: the zero row for missing neighbours
       if (hi > lo && !ks.splat(in, planar, n, k, mask, offs, bars, dp1, V[0], 0, n, nth > 1, lo, hi, scratch, kp))
         finite.store(false);
     }
     barrier();
-    lap(kTSplat);
+    clock.lap(kTSplat);
     // Blur, axes 0..d.
+    const int32_t m0 = static_cast<int32_t>(static_cast<int64_t>(M) * tid / nth);
+    const int32_t m1 = static_cast<int32_t>(static_cast<int64_t>(M) * (tid + 1) / nth);
     if (serial_blur) {
       if (tid == 0)
-        for (int j = 0; j < dp1; ++j)
-          ks.blur(V[j & 1], V[(j + 1) & 1], nbs + static_cast<std::size_t>(j) * M * 2, 0, M, kp);
+        for (int j = 0; j < dp1; ++j) blur_axis(j, 0, M);
       barrier();
     } else {
-      const int32_t m0 = static_cast<int32_t>(static_cast<int64_t>(M) * tid / nth);
-      const int32_t m1 = static_cast<int32_t>(static_cast<int64_t>(M) * (tid + 1) / nth);
       for (int j = 0; j < dp1; ++j) {
-        ks.blur(V[j & 1], V[(j + 1) & 1], nbs + static_cast<std::size_t>(j) * M * 2, m0, m1, kp);
+        blur_axis(j, m0, m1);
         barrier();
       }
     }
-    lap(kTBlur);
-    // Slice.
-    ks.slice(offs, bars, dp1, V[dp1 & 1], alpha, n, k, kp, planar, omask, out, n * tid / nth,
-             n * (tid + 1) / nth, scratch);
-    lap(kTSlice);
-  };
-
-  if (nt == 1) {
-    run_team(0, 1, false);
-  } else {
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt)
-    run_team(thread_id(), team_size(), true);
-#else
-    run_team(0, 1, false);
-#endif
-  }
+    clock.lap(kTBlur);
+    if (dots) {
+      // <x, A x> = alpha <P x, B P x>: the slice is the splat's transpose (same weights).
+      const float* vs = V[0];
+      const float* vb = V[1 + (d_ & 1)];
+      double* acc = dot_scratch_.data() + static_cast<std::size_t>(tid) * k;
+      for (int64_t m = static_cast<int64_t>(m0) + 1; m <= m1; ++m)
+        for (int c = 0; c < k; ++c)
+          acc[c] += static_cast<double>(vs[m * kp + c]) * static_cast<double>(vb[m * kp + c]);
+    }
+  });
   if (!finite.load()) throw InvalidArgument("lattice: values contain NaN or Inf");
+  spread_k_ = k;
+  if (dots) {
+    const double alpha = 1.0 / (1.0 + std::pow(2.0, -d_));
+    for (int c = 0; c < k; ++c) {
+      double sum = 0.0;
+      for (int t = 0; t < nt; ++t) sum += dot_scratch_[static_cast<std::size_t>(t) * k + c];
+      dots[c] = alpha * sum;
+    }
+  }
+}
+
+void Lattice::slice(float* out, Layout layout, const float* mask, float scale, int num_threads) {
+  if (spread_k_ < 1) throw InvalidArgument("lattice: slice called before spread");
+  const int k = spread_k_;
+  const int kp = detail::padded_channels(k);
+  const detail::KernelSet ks = detail::kernels_for(kp);
+  const int dp1 = d_ + 1;
+  const int64_t n = n_;
+  const float alpha = static_cast<float>(1.0 / (1.0 + std::pow(2.0, -d_)));
+  const int nt = team_threads(num_threads);
+  scratch_.resize(static_cast<std::size_t>(nt) * 8 * kp);
+  const float* vb = vbuf_[1 + (d_ & 1)].data();
+  run_team(nt, [&](int tid, int nth, auto) {
+    PhaseClock clock(tid);
+    ks.slice(offset_.data(), bary_.data(), dp1, vb, alpha, n, k, kp, layout == Layout::kPlanar, mask, scale, out,
+             n * tid / nth, n * (tid + 1) / nth, scratch_.data() + static_cast<std::size_t>(tid % nt) * 8 * kp);
+    clock.lap(kTSlice);
+  });
+}
+
+void Lattice::filter(const float* in, float* out, int k, Layout layout, const float* mask, bool mask_output,
+                     int num_threads) {
+  spread(in, k, layout, mask, num_threads, nullptr);
+  slice(out, layout, mask_output ? mask : nullptr, 1.f, num_threads);
 }
 
 void Lattice::filter_per_channel(const float* in, float* out, int k, const float* mask) {
@@ -771,7 +823,8 @@ void Lattice::filter_per_channel(const float* in, float* out, int k, const float
 std::size_t Lattice::memory_bytes() const {
   std::size_t s = bary_.capacity() * sizeof(float) + offset_.capacity() * sizeof(int32_t) +
                   neigh_.capacity() * sizeof(int32_t) + cum_.capacity() * sizeof(int64_t) +
-                  (v0_.capacity() + v1_.capacity() + scratch_.capacity()) * sizeof(float);
+                  scratch_.capacity() * sizeof(float) + dot_scratch_.capacity() * sizeof(double);
+  for (const auto& v : vbuf_) s += v.capacity() * sizeof(float);
   s += counts_.capacity() * sizeof(int32_t);
   for (const auto& t : ptables_) s += t.memory_bytes();
   for (const auto& t : gtables_) s += t.memory_bytes();
@@ -788,9 +841,10 @@ void Lattice::release() {
   std::vector<KeyTable>().swap(gtables_);
   std::vector<std::vector<int32_t>>().swap(remap_);
   std::vector<int32_t>().swap(counts_);
-  std::vector<float>().swap(v0_);
-  std::vector<float>().swap(v1_);
+  for (auto& v : vbuf_) std::vector<float>().swap(v);
   std::vector<float>().swap(scratch_);
+  std::vector<double>().swap(dot_scratch_);
+  spread_k_ = 0;
   n_ = 0;
   m_ = 0;
 }
@@ -803,44 +857,28 @@ namespace {
 std::mutex g_pool_mutex;
 std::vector<std::unique_ptr<Lattice>> g_pool;
 
-// Borrows lattices (and their buffers) from a process-wide pool, so repeated calls reuse memory.
-struct Lease {
-  std::vector<std::unique_ptr<Lattice>> items;
-  explicit Lease(int count) {
-    std::lock_guard<std::mutex> lock(g_pool_mutex);
-    for (int i = 0; i < count; ++i) {
-      if (!g_pool.empty()) {
-        items.push_back(std::move(g_pool.back()));
-        g_pool.pop_back();
-      } else {
-        items.push_back(std::make_unique<Lattice>());
-      }
-    }
-  }
-  ~Lease() {
-    std::lock_guard<std::mutex> lock(g_pool_mutex);
-    for (auto& l : items) g_pool.push_back(std::move(l));
-  }
-  Lattice& operator[](int i) { return *items[i]; }
-};
+// Slots (lattices) run_batch uses: one per thread when images run in parallel, else one.
+int batch_slots(int64_t b, int num_threads) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max(1, num_threads), b)));
+}
 
-// Runs work(image, lattice, threads_inside) for all b images: groups of `threads` images run in
-// parallel with one thread each, the remaining images one after the other with all threads.
+// Runs work(image, slot, threads_inside) for all b images: groups of `threads` images run in
+// parallel with one thread each (slot = thread, < batch_slots), the remaining images one after the
+// other with all threads (slot 0).
 template <class F>
 void run_batch(int64_t b, int num_threads, F&& work) {
   const int nt = std::max(1, num_threads);
   const int64_t outer = nt > 1 && b >= nt ? (b / nt) * nt : 0;
-  Lease lease(static_cast<int>(std::min<int64_t>(nt, std::max<int64_t>(b, 1))));
   if (outer > 0) {
 #ifdef _OPENMP
     std::exception_ptr err = nullptr;
 #pragma omp parallel num_threads(nt)
     {
-      Lattice& lat = lease[thread_id()];
+      const int slot = thread_id();
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i = 0; i < outer; ++i) {
         try {
-          work(i, lat, 1);
+          work(i, slot, 1);
         } catch (...) {
 #pragma omp critical(rloss_lattice_error)
           {
@@ -851,13 +889,30 @@ void run_batch(int64_t b, int num_threads, F&& work) {
     }
     if (err) std::rethrow_exception(err);
 #else
-    for (int64_t i = 0; i < outer; ++i) work(i, lease[0], 1);
+    for (int64_t i = 0; i < outer; ++i) work(i, 0, 1);
 #endif
   }
-  for (int64_t i = outer; i < b; ++i) work(i, lease[0], nt);
+  for (int64_t i = outer; i < b; ++i) work(i, 0, nt);
 }
 
 }  // namespace
+
+LatticeLease::LatticeLease(int64_t count) {
+  std::lock_guard<std::mutex> lock(g_pool_mutex);
+  for (int64_t i = 0; i < count; ++i) {
+    if (!g_pool.empty()) {
+      items_.push_back(std::move(g_pool.back()));
+      g_pool.pop_back();
+    } else {
+      items_.push_back(std::make_unique<Lattice>());
+    }
+  }
+}
+
+LatticeLease::~LatticeLease() {
+  std::lock_guard<std::mutex> lock(g_pool_mutex);
+  for (auto& l : items_) g_pool.push_back(std::move(l));
+}
 
 void caffe_roi_mask(const float* image, int c, int64_t n, float* mask) {
   for (int64_t p = 0; p < n; ++p) mask[p] = 0.f;
@@ -872,7 +927,9 @@ void filter_image_batch(const float* image, int64_t b, int c, int64_t h, int64_t
                         float* out, float sigma_xy, float sigma_rgb, const float* mask, bool mask_output,
                         int num_threads, bool sse_pad, bool roi_from_image) {
   const int64_t n = h * w;
-  run_batch(b, num_threads, [&](int64_t i, Lattice& lat, int threads) {
+  LatticeLease lease(batch_slots(b, num_threads));
+  run_batch(b, num_threads, [&](int64_t i, int slot, int threads) {
+    Lattice& lat = lease[slot];
     const float* img = image + i * c * n;
     const FeatureSource src = FeatureSource::from_image(img, c, h, w, sigma_xy, sigma_rgb);
     lat.build(src, threads, sse_pad);
@@ -887,9 +944,41 @@ void filter_image_batch(const float* image, int64_t b, int c, int64_t h, int64_t
   });
 }
 
+void DenseCRFLossBatch::forward(const float* image, int64_t b, int c, int64_t h, int64_t w, const float* seg,
+                                int k, float sigma_xy, float sigma_rgb, const float* mask, int num_threads,
+                                bool sse_pad, double* dots) {
+  const int64_t n = h * w;
+  spread_ = false;
+  if (!lattices_ || static_cast<int64_t>(lattices_->size()) != b) lattices_ = std::make_unique<LatticeLease>(b);
+  // The mask is kept for backward (the caller's array may be gone by then).
+  masks_.resize(static_cast<std::size_t>(b * n));
+  if (mask) std::copy(mask, mask + b * n, masks_.begin());
+  run_batch(b, num_threads, [&](int64_t i, int, int threads) {
+    Lattice& lat = (*lattices_)[i];
+    const float* img = image + i * c * n;
+    float* mk = masks_.data() + i * n;
+    if (!mask) caffe_roi_mask(img, c, n, mk);
+    lat.build(FeatureSource::from_image(img, c, h, w, sigma_xy, sigma_rgb), threads, sse_pad);
+    lat.spread(seg + i * k * n, k, Layout::kPlanar, mk, threads, dots + i * k);
+  });
+  b_ = b;
+  n_ = n;
+  k_ = k;
+  spread_ = true;
+}
+
+void DenseCRFLossBatch::backward(float* grad, float scale, int num_threads) {
+  if (!spread_) throw InvalidArgument("DenseCRF loss: backward called before forward");
+  run_batch(b_, num_threads, [&](int64_t i, int, int threads) {
+    (*lattices_)[i].slice(grad + i * k_ * n_, Layout::kPlanar, masks_.data() + i * n_, scale, threads);
+  });
+}
+
 void filter_feature_batch(const float* features, int64_t b, int64_t n, int d, const float* values, int k,
                           float* out, int num_threads, bool sse_pad) {
-  run_batch(b, num_threads, [&](int64_t i, Lattice& lat, int threads) {
+  LatticeLease lease(batch_slots(b, num_threads));
+  run_batch(b, num_threads, [&](int64_t i, int slot, int threads) {
+    Lattice& lat = lease[slot];
     lat.build(FeatureSource::from_array(features + i * n * d, n, d), threads, sse_pad);
     lat.filter(values + i * k * n, out + i * k * n, k, Layout::kPlanar, nullptr, false, threads);
   });
@@ -901,7 +990,7 @@ void filter_image_batch_per_channel(const float* image, int64_t b, int c, int64_
   const int64_t n = h * w;
   // One thread per image (the original's OpenMP over images), capped by the batch size.
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, b)));
-  Lease lease(nt);
+  LatticeLease lease(nt);
   std::exception_ptr err = nullptr;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nt) schedule(static, 1)

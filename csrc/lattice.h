@@ -15,6 +15,7 @@
 #include <mutex>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -127,8 +128,16 @@ class Lattice {
 
   // out = A * in for K channels at once. mask (N floats, may be null) multiplies the input per pixel
   // (and, when mask_output, the output too). in/out may use either layout (the same for both).
+  // Equals spread() then slice().
   void filter(const float* in, float* out, int k, Layout layout, const float* mask, bool mask_output,
               int num_threads);
+  // The first half of filter(): splat x = in * mask (mask may be null) and blur; the blurred values
+  // stay in the lattice for slice(). dots (K doubles, may be null) receives <x_c, (A x)_c> per
+  // channel, computed on the lattice points (the slice is the splat's transpose, so
+  // <x, A x> = alpha <P x, B P x>) without touching the N x K output.
+  void spread(const float* in, int k, Layout layout, const float* mask, int num_threads, double* dots);
+  // The second half: out = (A x) [* mask] * scale for the K channels of the last spread().
+  void slice(float* out, Layout layout, const float* mask, float scale, int num_threads);
 
   // The original's way, kept as a benchmark baseline: one channel at a time with value size 1,
   // scatter splat, fresh zeroed buffers per channel, single thread. Planar (K, N) in and out.
@@ -151,6 +160,7 @@ class Lattice {
  private:
   template <class Keys>
   bool build_with(const FeatureSource& src, int nt, bool sse_pad, Keys& keys);
+  int team_threads(int num_threads) const;  // threads worth using inside this lattice
 
   std::mutex mu_;
   int d_ = 0;
@@ -168,8 +178,52 @@ class Lattice {
   std::vector<int32_t> counts_;       // scratch for cum_
   std::vector<int64_t> chunk_;        // pixel chunk boundaries of the build
   // filter buffers (reused between calls)
-  std::vector<float> v0_, v1_;        // (M+1) x Kp
-  std::vector<float> scratch_;        // threads x 8 x Kp (slice tiles)
+  std::vector<float> vbuf_[3];        // (M+1) x Kp each: splatted, then the two blur buffers
+  int spread_k_ = 0;                  // channels of the last spread (0: nothing to slice)
+  std::vector<float> scratch_;        // threads x 8 x Kp (splat and slice tiles)
+  std::vector<double> dot_scratch_;   // threads x K (dot product partial sums)
+};
+
+// Lattices borrowed from a process-wide pool (repeated calls reuse their buffers), returned to it
+// when the lease ends.
+class LatticeLease {
+ public:
+  explicit LatticeLease(int64_t count);
+  ~LatticeLease();
+  LatticeLease(const LatticeLease&) = delete;
+  LatticeLease& operator=(const LatticeLease&) = delete;
+  Lattice& operator[](int64_t i) { return *items_[static_cast<std::size_t>(i)]; }
+  std::size_t size() const { return items_.size(); }
+
+ private:
+  std::vector<std::unique_ptr<Lattice>> items_;
+};
+
+// The DenseCRF loss of a batch (spec 2.15) in the two halves autograd calls. forward() builds one
+// lattice per image, spreads x = m S and returns <x_c, (A x)_c> per image and class (the loss is
+// -sum / B); the lattices and their blurred values stay until backward(), which slices them straight
+// into the gradient scale * (A x) m. No N x K intermediate is ever written.
+class DenseCRFLossBatch {
+ public:
+  // image (B, C, H, W), seg (B, K, H, W) planar; mask (B, H, W), or null for each image's
+  // caffe_roi_mask; dots (B x K) out.
+  void forward(const float* image, int64_t b, int c, int64_t h, int64_t w, const float* seg, int k,
+               float sigma_xy, float sigma_rgb, const float* mask, int num_threads, bool sse_pad, double* dots);
+  // grad (B, K, H, W) = scale * (A x) m for the last forward().
+  void backward(float* grad, float scale, int num_threads);
+  int64_t batch() const { return b_; }
+  int channels() const { return k_; }
+  int64_t pixels() const { return n_; }
+  // Not safe for concurrent use; the Python bindings hold this lock around calls.
+  std::mutex& mutex() { return mu_; }
+
+ private:
+  std::mutex mu_;
+  std::unique_ptr<LatticeLease> lattices_;
+  std::vector<float> masks_;  // B x N
+  int64_t b_ = 0, n_ = 0;
+  int k_ = 0;
+  bool spread_ = false;
 };
 
 // Batched bilateral / spatial filtering of B images: image (B, C, H, W), values (B, K, H, W),

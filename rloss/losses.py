@@ -10,52 +10,61 @@ what the PyTorch port does (spec 7.1): RGB images, an explicit ROI and optional 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rloss.errors import LatticeError, RlossError
-from rloss.lattice import bilateral_filter
+from rloss.lattice import DenseCRFLossTerms
 
 ErrorFactory = Callable[[str], Exception]
-Kernel = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Terms(Protocol):
+    """The operator side of the loss (for the lattice: `rloss.lattice.DenseCRFLossTerms`)."""
+
+    def energy(self, segmentation: torch.Tensor) -> torch.Tensor:
+        """<m S_c, A(m S)_c> per image and class, (N, K), for S (N, K, H, W) on the CPU."""
+
+    def gradient(self, scale: float) -> torch.Tensor:
+        """scale * A(m S) m (N, K, H, W) for the S of the last energy()."""
 
 
 class DenseCRFLossFunction(torch.autograd.Function):
     """loss = -(1/N) sum_{n,c} <m S_c, A(m S_c)>, gradient -(2/N) A(m S) * m.
 
-    `kernel` applies A to a (N, K, H, W) CPU tensor of masked values. The backward is the fork's rule,
-    not the autograd derivative of the forward: it equals the true gradient only for a symmetric A,
-    and the lattice is only approximately symmetric (spec 2.15). A(mS) from forward is reused.
-    Computation happens on the CPU in the segmentation's floating dtype (float32 for the faces, as the
-    original's float32 dot products); the loss and the gradient go back to the segmentation's device.
+    The backward is the fork's rule, not the autograd derivative of the forward: it equals the true
+    gradient only for a symmetric A, and the lattice is only approximately symmetric (spec 2.15).
+    `terms` keeps what forward computed (for the lattice: the blurred lattice values), so backward is
+    a single slice. The loss and the gradient go back to the segmentation's device and floating dtype.
     """
 
     @staticmethod
-    def forward(ctx, segmentation: torch.Tensor, mask: torch.Tensor, kernel: Kernel,  # type: ignore[override]
+    def forward(ctx, segmentation: torch.Tensor, terms: Terms,  # type: ignore[override]
                 make_error: ErrorFactory) -> torch.Tensor:
-        dtype = segmentation.dtype
-        mask_cpu = mask.detach().to("cpu", dtype).unsqueeze(1)
-        values = segmentation.detach().to("cpu") * mask_cpu
-        filtered = kernel(values).to(dtype)
-        per_class = -(values.flatten(2) * filtered.flatten(2)).sum(-1)  # the K dot products of each image
+        try:
+            per_class = terms.energy(segmentation.detach().to("cpu"))
+        except LatticeError as error:
+            raise make_error(str(error)) from None
         _check_finite(per_class, "the loss per image and class", "the segmentation holds NaN or inf", make_error)
         count = segmentation.shape[0]
-        ctx.make_error = make_error
-        ctx.save_for_backward(filtered.mul_(mask_cpu))
+        ctx.terms, ctx.make_error = terms, make_error
         ctx.scale = -2.0 / count
-        ctx.target = (segmentation.device, dtype)
-        return (per_class.sum() / count).to(segmentation.device)
+        ctx.target = (segmentation.device, segmentation.dtype)
+        return (-per_class.sum() / count).to(*ctx.target)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        (masked_filtered,) = ctx.saved_tensors
-        device, dtype = ctx.target
-        grad = (masked_filtered * (ctx.scale * grad_output.to("cpu", dtype))).to(device, dtype)
-        _check_finite(grad, "the gradient", "the gradient arriving on the loss is NaN or inf", ctx.make_error)
-        return grad, None, None, None
+        top_diff = float(grad_output)
+        if not math.isfinite(top_diff):
+            raise ctx.make_error(f"the gradient is not finite: the gradient arriving on the loss is {top_diff}")
+        try:
+            grad = ctx.terms.gradient(ctx.scale * top_diff)
+        except LatticeError as error:
+            raise ctx.make_error(str(error)) from None
+        return grad.to(*ctx.target), None, None
 
 
 def _check_finite(values: torch.Tensor, what: str, cause: str, make_error: ErrorFactory) -> None:
@@ -71,20 +80,17 @@ def _check_finite(values: torch.Tensor, what: str, cause: str, make_error: Error
         )
 
 
-def densecrf_loss(image: torch.Tensor, segmentation: torch.Tensor, mask: torch.Tensor, sigma_rgb: float,
+def densecrf_loss(image: torch.Tensor, segmentation: torch.Tensor, mask: torch.Tensor | None, sigma_rgb: float,
                   sigma_xy: float, make_error: ErrorFactory) -> torch.Tensor:
     """The DenseCRF loss (a 0-d tensor on the segmentation's device) of segmentation (N,K,H,W) over
-    image (N,C,H,W) restricted to mask (N,H,W); lattice features (x/sigma_xy, y/sigma_xy, c/sigma_rgb)
-    with the image's channels in their stored order. Lattice errors come back as `make_error(...)`."""
+    image (N,C,H,W) restricted to mask (N,H,W), or with mask None to the fork's mask of the image
+    (`caffe_roi_mask`, computed in C++); lattice features (x/sigma_xy, y/sigma_xy, c/sigma_rgb) with
+    the image's channels in their stored order. Lattice errors come back as `make_error(...)`."""
     image_cpu = image.detach().to("cpu", torch.float32)
+    mask_cpu = None if mask is None else mask.detach().to("cpu", torch.float32)
+    terms = DenseCRFLossTerms(image_cpu, sigma_rgb, sigma_xy, mask_cpu)
+    return DenseCRFLossFunction.apply(segmentation, terms, make_error)
 
-    def bilateral(values: torch.Tensor) -> torch.Tensor:
-        try:
-            return bilateral_filter(image_cpu, values.to(torch.float32), sigma_rgb, sigma_xy)
-        except LatticeError as error:
-            raise make_error(str(error)) from None
-
-    return DenseCRFLossFunction.apply(segmentation, mask, bilateral, make_error)
 
 
 def _module_error(message: str) -> RlossError:

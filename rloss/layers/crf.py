@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from rloss.errors import LatticeError
-from rloss.lattice import Permutohedral, caffe_roi_mask
+from rloss.lattice import Permutohedral
 from rloss.layers.base import Layer, Shape
 from rloss.layers.registry import register_layer
 from rloss.losses import densecrf_loss
@@ -76,8 +76,7 @@ class DenseCRFLoss(Layer):
 
     def forward(self, image: torch.Tensor, segmentation: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
         self._check_shapes(tuple(image.shape), tuple(segmentation.shape))
-        mask = caffe_roi_mask(image)
-        loss = densecrf_loss(image, segmentation, mask, self.sigma_rgb, self.sigma_xy, self.error)
+        loss = densecrf_loss(image, segmentation, None, self.sigma_rgb, self.sigma_xy, self.error)
         return [loss.reshape(1, 1, 1, 1)]
 
 
