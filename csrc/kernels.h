@@ -20,12 +20,12 @@ using EmbedFn = int32_t (*)(int d, const float* scale, const float* f, int nb, i
 
 struct KernelSet {
   // Splat of points [p0, p1) in point order: V[slot] += w * x[p], x[p] = values of point p (read from
-  // `in`, planar (K, N) or pixel-major (N, K), times mask[p] when given). restrict_range: only slots in
-  // [lo, hi) are written (the calling thread's share; blocks without such slots are skipped).
-  // scratch: 8 * kp floats. Returns false when a value read is NaN or infinite.
+  // `in`, planar (K, N) or pixel-major (N, K), times mask[p] when given). scratch: 8 * kp floats.
+  // Returns false when a value read is NaN or infinite.
   bool (*splat)(const float* in, bool planar, int64_t n, int k, const float* mask, const int32_t* offset,
-                const float* bary, int dp1, float* V, int64_t p0, int64_t p1, bool restrict_range, int32_t lo,
-                int32_t hi, float* scratch, int kp) = nullptr;
+                const float* bary, int dp1, float* V, int64_t p0, int64_t p1, float* scratch, int kp) = nullptr;
+  // V[s] += W[s] for slots [s0, s1).
+  void (*add)(float* V, const float* W, int32_t s0, int32_t s1, int kp) = nullptr;
   void (*blur)(const float* Vin, float* Vout, const int32_t* nb, int32_t m0, int32_t m1, int kp) = nullptr;
   void (*slice)(const int32_t* offset, const float* bary, int dp1, const float* V, float alpha, int64_t n,
                 int k, int kp, bool planar, const float* mask, float scale, float* out, int64_t p0, int64_t p1,

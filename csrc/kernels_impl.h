@@ -231,31 +231,31 @@ static inline void load_block(const float* in, bool planar, int64_t n, int k, in
 template <int KP>
 static bool splat_range(const float* in, bool planar, int64_t n, int k, const float* mask,
                         const int32_t* __restrict offset, const float* __restrict bary, int dp1,
-                        float* __restrict V, int64_t p0, int64_t p1, bool restrict_range, int32_t lo, int32_t hi,
-                        float* __restrict xs, int kp_rt) {
+                        float* __restrict V, int64_t p0, int64_t p1, float* __restrict xs, int kp_rt) {
   const int kp = KP > 0 ? KP : kp_rt;
   float probe = 0.f;
   for (int64_t p = p0; p < p1; p += 8) {
     const int nb = p + 8 <= p1 ? 8 : static_cast<int>(p1 - p);
     const int32_t* o = offset + p * dp1;
     const float* w = bary + p * dp1;
-    const int cnt = nb * dp1;
-    if (restrict_range) {
-      int any = 0;
-      for (int i = 0; i < cnt; ++i) any |= (o[i] >= lo) & (o[i] < hi);
-      if (!any) continue;
-    }
     load_block<KP>(in, planar, n, k, kp, mask, p, nb, xs, probe);
     for (int l = 0; l < nb; ++l) {
       const float* x = xs + l * kp;
       for (int r = 0; r < dp1; ++r) {
         const int32_t sl = o[l * dp1 + r];
-        if (!restrict_range || (sl >= lo && sl < hi))
-          axpy<KP>(V + static_cast<int64_t>(sl) * kp, w[l * dp1 + r], x, kp);
+        axpy<KP>(V + static_cast<int64_t>(sl) * kp, w[l * dp1 + r], x, kp);
       }
     }
   }
   return probe == 0.f;
+}
+
+// V[s] += W[s] for slots [s0, s1) (the splat's chunk sums).
+template <int KP>
+static void add_range(float* __restrict V, const float* __restrict W, int32_t s0, int32_t s1, int kp_rt) {
+  const int kp = KP > 0 ? KP : kp_rt;
+  const int64_t e = static_cast<int64_t>(s1) * kp;
+  for (int64_t i = static_cast<int64_t>(s0) * kp; i < e; ++i) V[i] += W[i];
 }
 
 // One blur axis for lattice points [m0, m1): out = in + 0.5 * (in[n1] + in[n2]).
@@ -346,6 +346,7 @@ static void slice_range(const int32_t* __restrict offset, const float* __restric
 template <int KP>
 static void fill_set(rloss::detail::KernelSet& s) {
   s.splat = &splat_range<KP>;
+  s.add = &add_range<KP>;
   s.blur = &blur_range<KP>;
   s.slice = &slice_range<KP>;
 }

@@ -576,7 +576,6 @@ bool Lattice::build_with(const FeatureSource& src, int nt, bool sse_pad, Keys& k
   }
   m_ = g.size();
   const int32_t M = m_;
-  cum_valid_ = false;
   neigh_.assign(static_cast<std::size_t>(dp1) * M * 2, 0);
   add_time(kTMerge, t0);
 
@@ -654,6 +653,12 @@ struct PhaseClock {
 
 }  // namespace
 
+// Pixel chunks the splat sums separately before adding the chunk sums in order: fixed by the pixel
+// count alone, so that results do not depend on the thread count. One chunk (the original's
+// sequential sums, bit for bit) below 2^15 pixels; two above, which lets two threads share the
+// splat (the sums then differ from the original's by float rounding, about 1e-7 relative).
+int Lattice::splat_chunks(int64_t n) { return n >= (int64_t{1} << 15) ? 2 : 1; }
+
 int Lattice::team_threads(int num_threads) const {
   return std::max(1, std::min<int>(num_threads, static_cast<int>(std::max<int64_t>(1, n_ / 2048))));
 }
@@ -670,30 +675,21 @@ void Lattice::spread(const float* in, int k, Layout layout, const float* mask, i
   const bool planar = layout == Layout::kPlanar;
   const int nt = team_threads(num_threads);
 
+  const int chunks = splat_chunks(n);
   const std::size_t vsize = (static_cast<std::size_t>(M) + 1) * kp;
-  for (auto& v : vbuf_) v.resize(vsize);
+  if (static_cast<int>(vbuf_.size()) < 2 + chunks) vbuf_.resize(2 + chunks);
+  for (int i = 0; i < 2 + chunks; ++i) vbuf_[i].resize(vsize);
   scratch_.resize(static_cast<std::size_t>(nt) * 8 * kp);
   if (dots) dot_scratch_.assign(static_cast<std::size_t>(nt) * k, 0.0);
-  // Splat into V[0]; blur axis 0 reads V[0], then V[1] and V[2] alternate, so the splatted values
-  // survive for the dot products.
-  float* V[3] = {vbuf_[0].data(), vbuf_[1].data(), vbuf_[2].data()};
+  // V[0]: the splatted values (pixel chunk 0, then the sum of all chunks); blur axis 0 reads V[0],
+  // then V[1] and V[2] alternate, so the splatted values survive for the dot products.
+  // V[3..]: the sums of pixel chunks 1, 2, ...
+  std::vector<float*> V(2 + chunks);
+  for (int i = 0; i < 2 + chunks; ++i) V[i] = vbuf_[i].data();
+  auto chunk_sums = [&](int c) { return c == 0 ? V[0] : V[2 + c]; };
   const int32_t* nbs = neigh_.data();
   const int32_t* offs = offset_.data();
   const float* bars = bary_.data();
-  if (nt > 1 && !cum_valid_) {
-    // Splat balance: vertex uses per lattice point, counted on every 4th point (plenty for balancing).
-    counts_.assign(M, 0);
-    for (int64_t p = 0; p < n; p += 4)
-      for (int r = 0; r < dp1; ++r) ++counts_[offset_[p * dp1 + r] - 1];
-    cum_.resize(static_cast<std::size_t>(M) + 1);
-    int64_t pos = 0;
-    for (int32_t m = 0; m < M; ++m) {
-      cum_[m] = pos;
-      pos += counts_[m];
-    }
-    cum_[M] = pos;
-    cum_valid_ = true;
-  }
   // Small blurs run on one thread: not worth d+1 barriers (which hurt a lot on a busy machine).
   const bool serial_blur = static_cast<int64_t>(M) * kp * dp1 <= (int64_t{1} << 22);
   auto blur_axis = [&](int j, int32_t m0, int32_t m1) {
@@ -705,33 +701,25 @@ void Lattice::spread(const float* in, int k, Layout layout, const float* mask, i
   run_team(nt, [&](int tid, int nth, auto barrier) {
     PhaseClock clock(tid);
     float* scratch = scratch_.data() + static_cast<std::size_t>(tid % nt) * 8 * kp;
-    // Splat. Thread tid owns the lattice points holding its share of the splat contributions; it
-    // walks all points in order and adds only into its own rows (order per row = point order).
-    {
-      int32_t lo = 1, hi = M + 1;  // slots
-      if (nth > 1) {
-        const int64_t total = cum_[M];
-        auto cut = [&](int t) -> int32_t {
-          if (t <= 0) return 0;
-          if (t >= nth) return M;
-          return static_cast<int32_t>(std::lower_bound(cum_.begin(), cum_.begin() + M, total * t / nth) -
-                                      cum_.begin());
-        };
-        lo = cut(tid) + 1;
-        hi = cut(tid + 1) + 1;
-      }
-      float* v = V[0] + static_cast<std::size_t>(lo) * kp;
-      std::fill(v, v + static_cast<std::size_t>(hi - lo) * kp, 0.f);
-      if (tid == 0)
-        for (float* b : V) std::fill(b, b + kp, 0.f);  // slot 0: the zero row for missing neighbours
-      if (hi > lo && !ks.splat(in, planar, n, k, mask, offs, bars, dp1, V[0], 0, n, nth > 1, lo, hi, scratch, kp))
+    const int32_t m0 = static_cast<int32_t>(static_cast<int64_t>(M) * tid / nth);
+    const int32_t m1 = static_cast<int32_t>(static_cast<int64_t>(M) * (tid + 1) / nth);
+    // Splat: each pixel chunk into its own rows, in pixel order; then the chunk sums in chunk order.
+    if (tid == 0)
+      for (float* v : V) std::fill(v, v + kp, 0.f);  // slot 0: the zero row for missing neighbours
+    for (int c = tid; c < chunks; c += nth) {
+      float* v = chunk_sums(c);
+      std::fill(v + kp, v + vsize, 0.f);
+      const int64_t p0 = n * c / chunks / 8 * 8, p1 = c + 1 == chunks ? n : n * (c + 1) / chunks / 8 * 8;
+      if (!ks.splat(in, planar, n, k, mask, offs, bars, dp1, v, p0, p1, scratch, kp))
         finite.store(false);
+    }
+    if (chunks > 1) {
+      barrier();
+      for (int c = 1; c < chunks; ++c) ks.add(V[0], chunk_sums(c), m0 + 1, m1 + 1, kp);
     }
     barrier();
     clock.lap(kTSplat);
     // Blur, axes 0..d.
-    const int32_t m0 = static_cast<int32_t>(static_cast<int64_t>(M) * tid / nth);
-    const int32_t m1 = static_cast<int32_t>(static_cast<int64_t>(M) * (tid + 1) / nth);
     if (serial_blur) {
       if (tid == 0)
         for (int j = 0; j < dp1; ++j) blur_axis(j, 0, M);
@@ -822,10 +810,9 @@ void Lattice::filter_per_channel(const float* in, float* out, int k, const float
 
 std::size_t Lattice::memory_bytes() const {
   std::size_t s = bary_.capacity() * sizeof(float) + offset_.capacity() * sizeof(int32_t) +
-                  neigh_.capacity() * sizeof(int32_t) + cum_.capacity() * sizeof(int64_t) +
+                  neigh_.capacity() * sizeof(int32_t) +
                   scratch_.capacity() * sizeof(float) + dot_scratch_.capacity() * sizeof(double);
   for (const auto& v : vbuf_) s += v.capacity() * sizeof(float);
-  s += counts_.capacity() * sizeof(int32_t);
   for (const auto& t : ptables_) s += t.memory_bytes();
   for (const auto& t : gtables_) s += t.memory_bytes();
   for (const auto& r : remap_) s += r.capacity() * sizeof(int32_t);
@@ -836,12 +823,10 @@ void Lattice::release() {
   std::vector<float>().swap(bary_);
   std::vector<int32_t>().swap(offset_);
   std::vector<int32_t>().swap(neigh_);
-  std::vector<int64_t>().swap(cum_);
   std::vector<PackedTable>().swap(ptables_);
   std::vector<KeyTable>().swap(gtables_);
   std::vector<std::vector<int32_t>>().swap(remap_);
-  std::vector<int32_t>().swap(counts_);
-  for (auto& v : vbuf_) std::vector<float>().swap(v);
+  std::vector<std::vector<float>>().swap(vbuf_);
   std::vector<float>().swap(scratch_);
   std::vector<double>().swap(dot_scratch_);
   spread_k_ = 0;

@@ -161,6 +161,7 @@ class Lattice {
   template <class Keys>
   bool build_with(const FeatureSource& src, int nt, bool sse_pad, Keys& keys);
   int team_threads(int num_threads) const;  // threads worth using inside this lattice
+  static int splat_chunks(int64_t n);
 
   std::mutex mu_;
   int d_ = 0;
@@ -170,15 +171,12 @@ class Lattice {
   std::vector<float> bary_;           // N x (d+1)
   std::vector<int32_t> offset_;       // N x (d+1): slot = lattice index + 1 (slot 0 = zero row)
   std::vector<int32_t> neigh_;        // (d+1) x M x 2 slots
-  std::vector<int64_t> cum_;          // M+1: (sampled) splat contributions before lattice point m
-  bool cum_valid_ = false;            // cum_ belongs to the current build
   std::vector<PackedTable> ptables_;  // per-thread tables during build; [0] is the lattice's
   std::vector<KeyTable> gtables_;     // same for the generic int32 keys
   std::vector<std::vector<int32_t>> remap_;  // per thread: local index -> global index
-  std::vector<int32_t> counts_;       // scratch for cum_
   std::vector<int64_t> chunk_;        // pixel chunk boundaries of the build
   // filter buffers (reused between calls)
-  std::vector<float> vbuf_[3];        // (M+1) x Kp each: splatted, then the two blur buffers
+  std::vector<std::vector<float>> vbuf_;  // (M+1) x Kp each: splatted, two blur buffers, chunk sums
   int spread_k_ = 0;                  // channels of the last spread (0: nothing to slice)
   std::vector<float> scratch_;        // threads x 8 x Kp (splat and slice tiles)
   std::vector<double> dot_scratch_;   // threads x K (dot product partial sums)

@@ -383,6 +383,59 @@ def test_large_coordinates_use_int32_keys_without_aliasing() -> None:
     assert (far[100:] == 0).all()
 
 
+def test_large_images_splat_in_two_chunks_independent_of_threads() -> None:
+    """From 2^15 pixels the splat sums two pixel chunks separately (so two threads can share it) and
+    then adds the chunk sums: the same result for any thread count and for K at once vs one channel
+    at a time, and within float rounding of the original's single sequential sum."""
+    image = _train_image_bgr(200, 170)  # 34000 pixels >= 2^15
+    rng = np.random.RandomState(11)
+    values = rng.rand(1, 5, 200, 170).astype(np.float32)
+    by_threads = {t: lat.bilateral_filter(image[None], values, 15.0, 40.0, num_threads=t) for t in (1, 2, 3)}
+    np.testing.assert_array_equal(by_threads[1], by_threads[2])
+    np.testing.assert_array_equal(by_threads[1], by_threads[3])
+    singles = np.concatenate(
+        [lat.bilateral_filter(image[None], values[:, c : c + 1], 15.0, 40.0, num_threads=2) for c in range(5)], 1
+    )
+    np.testing.assert_array_equal(by_threads[2], singles)
+    sequential = ext.filter_image_batch_per_channel(image[None], values, 40.0, 15.0)
+    assert not np.array_equal(sequential, by_threads[1])  # the chunked sums do round differently...
+    assert np.abs(sequential - by_threads[1]).max() <= 1e-6 * np.abs(sequential).max()  # ...by float rounding
+    small = np.ascontiguousarray(image[:, :180, :180])  # 32400 pixels: one chunk, the original's sums
+    np.testing.assert_array_equal(
+        ext.filter_image_batch_per_channel(small[None], values[:, :, :180, :180].copy(), 40.0, 15.0),
+        lat.bilateral_filter(small[None], values[:, :, :180, :180].copy(), 15.0, 40.0, num_threads=2),
+    )
+
+
+@pytest.mark.parametrize("size", [(37, 41), (200, 170)])
+def test_densecrf_loss_terms_equal_filter_then_dot(size: tuple[int, int]) -> None:
+    """DenseCRFLossTerms takes <m S, A(m S)> on the lattice points (alpha <P x, B P x>) and slices the
+    gradient from the lattice kept since forward: the same numbers as filtering and multiplying."""
+    h, w = size
+    image = np.stack([_train_image_bgr(h, w), _train_image_bgr(h, w, 50, 60)])
+    image[1, :, :10, :] = 0.25  # padding: outside the fork's ROI
+    seg = torch.softmax(torch.from_numpy(np.random.RandomState(12).randn(2, 6, h, w).astype(np.float32)), 1)
+    filtered = lat.bilateral_filter(image, seg, 15.0, 40.0, roi_from_image=True, mask_output=True, num_threads=2)
+    want_dots = (seg.double() * filtered.double()).sum((2, 3))
+    for mask in (None, torch.from_numpy(lat.caffe_roi_mask(image))):
+        terms = lat.DenseCRFLossTerms(torch.from_numpy(image), 15.0, 40.0, mask=mask, num_threads=2)
+        dots = terms.energy(seg)
+        assert dots.dtype == torch.float64 and dots.shape == (2, 6)
+        torch.testing.assert_close(dots, want_dots, rtol=2e-6, atol=0)
+        assert torch.equal(terms.gradient(1.0), filtered)
+        scale = -2e-8 / 2
+        assert torch.equal(terms.gradient(scale), filtered * torch.tensor(scale, dtype=torch.float32))
+        assert torch.equal(terms.gradient(scale), terms.gradient(scale))  # backward may run twice
+
+
+def test_densecrf_loss_terms_refuse_gradient_before_energy() -> None:
+    terms = lat.DenseCRFLossTerms(np.zeros((1, 3, 4, 4), np.float32), 15.0, 40.0)
+    with pytest.raises(LatticeError, match="before energy"):
+        terms.gradient(1.0)
+    with pytest.raises(ValueError, match="backward called before forward"):
+        ext.DenseCRFLossBatch().backward(1.0)
+
+
 def test_spatial_filter_matches_xy_lattice() -> None:
     rng = np.random.RandomState(7)
     values = rng.rand(2, 3, 17, 23).astype(np.float32)
