@@ -1,11 +1,11 @@
-"""Benchmark of the permutohedral lattice as used by the DenseCRF loss (not a test).
+"""Benchmark of the DenseCRF loss on our permutohedral lattice (not a test).
 
-Times the loss's forward + backward work on a 321x321 real image (trainimage1.png, mean-subtracted
-BGR, K = 21 softmax channels): ROI mask, one lattice per image filtering all K channels, the loss dot
-product, and the backward scaling (the backward reuses the forward's filtered values). Compares with
-the original Caffe layer's measured times on this machine and with our own lattice used the
-original's way (one channel at a time, one thread per image) in the same run. Also reports where the
-time goes, scaling with pixel count and with K, and peak memory at 513x513.
+Times the prototxt `DenseCRFLoss` layer itself, forward + backward, inside an rloss Net (inputs: a
+321x321 real image, trainimage1.png, mean-subtracted BGR, and K = 21 softmax channels that get the
+gradient; loss_weight 1e-8), as training runs it. Compares with the original Caffe layer's measured
+times on this machine and with our own lattice used the original's way (one channel at a time, one
+thread per image, the mask and dot products in torch) in the same run. Also reports where the time
+goes, scaling with pixel count and with K, and peak memory at 513x513.
 
     python bench/bench_lattice.py [--threads 2] [--repeats 15] [--quick]
 """
@@ -24,7 +24,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from google.protobuf import text_format  # noqa: E402
+
 from rloss import lattice as lat  # noqa: E402
+from rloss.net import Net  # noqa: E402
+from rloss.proto import caffe_pb2  # noqa: E402
 
 ext = lat.extension()
 
@@ -58,31 +62,47 @@ def softmax_seg(b: int, k: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     return torch.softmax(logits, 1).contiguous()
 
 
-def loss_fwd_bwd(image: torch.Tensor, seg: torch.Tensor, threads: int, per_channel: bool = False):
-    """DenseCRF loss forward + backward (spec 2.15) with our lattice; returns (loss, grad wrt seg).
+def densecrf_net(b: int, k: int, h: int, w: int) -> Net:
+    """A Net holding just the DenseCRFLoss layer, its segmentation input receiving the gradient."""
+    text = f"""force_backward: true
+        input: "data" input_shape {{ dim: {b} dim: 3 dim: {h} dim: {w} }}
+        input: "prob" input_shape {{ dim: {b} dim: {k} dim: {h} dim: {w} }}
+        layer {{ name: "densecrf_loss" type: "DenseCRFLoss" bottom: "data" bottom: "prob" top: "densecrf_loss"
+                loss_weight: {LOSS_WEIGHT} propagate_down: false propagate_down: true
+                densecrf_loss_param {{ bi_xy_std: {SIGMA_XY} bi_rgb_std: {SIGMA_RGB} }} }}"""
+    return Net(text_format.Parse(text, caffe_pb2.NetParameter()), caffe_pb2.TRAIN)
 
-    Ours: the ROI mask is derived from the image inside C++ and applied to input and output, so
-    the filtered values are already A(m S) * m: loss = -<S, that> / N and grad = that * (-2 lw / N).
-    The original's way: mask tensor, then one channel at a time, one thread per image.
-    """
+
+class LayerRun:
+    """Forward + backward of the DenseCRFLoss layer of a Net, as a training iteration runs it."""
+
+    def __init__(self, image: torch.Tensor, seg: torch.Tensor) -> None:
+        self.net = densecrf_net(*seg.shape)
+        self.feeds = {"data": image, "prob": seg}
+
+    def __call__(self) -> tuple[float, torch.Tensor]:
+        objective = self.net.forward(self.feeds)
+        objective.backward()
+        return float(objective), self.net.blob_diff("prob")
+
+
+def original_way(image: torch.Tensor, seg: torch.Tensor, threads: int) -> tuple[float, torch.Tensor]:
+    """The original's way on our lattice: mask tensor, one channel at a time, one thread per image,
+    the dot products and the gradient scaling in torch."""
     n = image.shape[0]
-    if per_channel:
-        mask = lat.caffe_roi_mask(image)
-        filt = (
-            torch.from_numpy(
-                ext.filter_image_batch_per_channel(
-                    image.numpy(), seg.numpy(), SIGMA_XY, SIGMA_RGB, mask=mask.numpy(), num_threads=threads
-                )
-            )
-            * mask[:, None]
-        )
-    else:
-        filt = lat.bilateral_filter(
-            image, seg, SIGMA_RGB, SIGMA_XY, roi_from_image=True, mask_output=True, num_threads=threads
-        )
-    loss = -torch.dot(seg.reshape(-1), filt.reshape(-1)) / n  # = -(1/N) sum <m S, A(m S)>
-    grad = filt * (-2.0 * LOSS_WEIGHT / n)  # backward: reuse A(m S) * m, a scaling only
-    return loss, grad
+    mask = lat.caffe_roi_mask(image)
+    filt = torch.from_numpy(
+        ext.filter_image_batch_per_channel(image.numpy(), seg.numpy(), SIGMA_XY, SIGMA_RGB, mask=mask.numpy(),
+                                           num_threads=threads)
+    ) * mask[:, None]
+    loss = -torch.dot(seg.reshape(-1), filt.reshape(-1)) / n
+    return float(loss) * LOSS_WEIGHT, filt * (-2.0 * LOSS_WEIGHT / n)
+
+
+def same_result(ours: tuple[float, torch.Tensor], theirs: tuple[float, torch.Tensor]) -> str:
+    loss = abs(ours[0] - theirs[0]) / abs(theirs[0])
+    grad = float((ours[1] - theirs[1]).abs().max() / theirs[1].abs().max())
+    return f"{loss:.1e} / {grad:.1e}"
 
 
 def timeit(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
@@ -97,28 +117,29 @@ def timeit(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
 
 
 def phase_breakdown(image: np.ndarray, seg: np.ndarray, threads: int, repeats: int) -> dict:
-    """Median per-phase times (ms) of the C++ side, from its timing counters."""
+    """Median per-phase times (ms) of the C++ side of the loss's forward + backward, from its timing
+    counters."""
+    batch = ext.DenseCRFLossBatch()
     ext.set_timing(True)
     rows = []
     for _ in range(repeats):
         ext.reset_timers()
-        ext.filter_image_batch(
-            image, seg, SIGMA_XY, SIGMA_RGB, roi_from_image=True, mask_output=True, num_threads=threads
-        )
+        batch.forward(image, seg, SIGMA_XY, SIGMA_RGB, num_threads=threads)
+        batch.backward(-2.0 * LOSS_WEIGHT, num_threads=threads)
         rows.append(ext.timers())
     ext.set_timing(False)
     return {k: float(np.median([r[k] for r in rows])) * 1e3 for k in rows[0]}
 
 
 def peak_memory_child(threads: int) -> None:
-    """Run in a fresh process: peak RSS growth of one 513x513, K=21 loss fwd+bwd over the inputs."""
+    """Run in a fresh process: peak RSS growth of one 513x513, K=21 layer fwd+bwd over the inputs."""
     img = torch.from_numpy(load_image(513)[None])
     seg = softmax_seg(1, 21, 513, 513)
     with open("/proc/self/status") as f:
         rss0 = next(int(x.split()[1]) for x in f if x.startswith("VmRSS"))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak (VmHWM) to the current RSS
-    loss_fwd_bwd(img, seg, threads)
+    LayerRun(img, seg)()
     with open("/proc/self/status") as f:
         hwm = next(int(x.split()[1]) for x in f if x.startswith("VmHWM"))
     print(f"{(hwm - rss0) / 1024:.2f} {ext.workspace_bytes() / 2**20:.2f} {2 * seg.numel() * 4 / 2**20:.2f}")
@@ -161,8 +182,8 @@ def main() -> None:
         f"torch {torch.__version__}, cpus {os.cpu_count()}, load avg {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}"
     )
     print(
-        "times are medians (min in brackets) in ms; DenseCRF loss fwd+bwd = mask + lattice build + K-channel "
-        "filter + dot + grad scaling"
+        "times are medians (min in brackets) in ms of the DenseCRFLoss layer's forward + backward in a Net "
+        "(loss_weight 1e-8, the gradient reaching the segmentation input)"
     )
 
     base = torch.from_numpy(load_image(321))
@@ -171,15 +192,16 @@ def main() -> None:
         f"{'batch':>5} | {'ours':>15} | {'orig. way':>15} | {'Caffe fwd+bwd':>13} | {'vs Caffe':>8} | "
         f"{'vs orig. way':>12} | per image"
     )
+    agree: list[str] = []
     for b in (1, 2, 12):
         img = base[None].repeat(b, 1, 1, 1).contiguous()
         img[1::2] = img[1::2].flip(-1)
         seg = softmax_seg(b, 21, 321, 321)
         r = max(3, reps // (1 + b // 4))
-        ours, ours_min = timeit(lambda img=img, seg=seg: loss_fwd_bwd(img, seg, threads), r)
-        orig, orig_min = timeit(
-            lambda img=img, seg=seg: loss_fwd_bwd(img, seg, threads, per_channel=True), max(3, r // 3), warmup=1
-        )
+        layer = LayerRun(img, seg)
+        ours, ours_min = timeit(layer, r)
+        orig, orig_min = timeit(lambda img=img, seg=seg: original_way(img, seg, threads), max(3, r // 3), warmup=1)
+        agree.append(same_result(layer(), original_way(img, seg, threads)))
         caffe = sum(CAFFE_MS[b]) if b in CAFFE_MS else float("nan")
         vs_caffe = f"{caffe / ours:7.1f}x" if b in CAFFE_MS else "     n/a"
         caffe_s = f"{caffe:13.0f}" if b in CAFFE_MS else f"{'n/a':>13}"
@@ -188,6 +210,7 @@ def main() -> None:
             f"{orig / ours:11.1f}x | {ours / b:6.2f}"
         )
     print("targets: >= 10x vs Caffe at batch 1 and >= 6x at batch 2 (acceptable minimum 6x / 4x)")
+    print(f"ours vs the original's way, relative difference (loss, max |grad|): {', '.join(agree)}")
     if threads > 1:
         # Single-threaded reference (torch too): no synchronisation at all, so it shows the pure work even
         # when other processes keep the cores busy (then every barrier of the threaded run costs a time slice).
@@ -195,7 +218,7 @@ def main() -> None:
         for b in (1, 2):
             img = base[None].repeat(b, 1, 1, 1).contiguous()
             seg = softmax_seg(b, 21, 321, 321)
-            one, one_min = timeit(lambda img=img, seg=seg: loss_fwd_bwd(img, seg, 1), reps)
+            one, one_min = timeit(LayerRun(img, seg), reps)
             print(
                 f"(1 thread, batch {b}: ours {one:.2f} [{one_min:.2f}] ms = {sum(CAFFE_MS[b]) / one:.1f}x faster "
                 "than the 2-thread Caffe layer)"
@@ -233,10 +256,8 @@ def main() -> None:
         img = torch.from_numpy(load_image(s)[None])
         seg = softmax_seg(1, 21, s, s)
         r = max(3, reps * 2 if s <= 161 else reps // (1 + s // 321))
-        ours, _ = timeit(lambda img=img, seg=seg: loss_fwd_bwd(img, seg, threads), r)
-        orig, _ = timeit(
-            lambda img=img, seg=seg: loss_fwd_bwd(img, seg, threads, per_channel=True), max(3, r // 3), warmup=1
-        )
+        ours, _ = timeit(LayerRun(img, seg), r)
+        orig, _ = timeit(lambda img=img, seg=seg: original_way(img, seg, threads), max(3, r // 3), warmup=1)
         print(f"{s:4d}^2 | {s * s:7d} | {ours:8.2f} | {orig:9.1f} | {orig / ours:4.1f}x | {ours * 1e3 / (s * s):.3f}")
 
     print("\n== time vs K (321x321, batch 1) ==")
@@ -244,8 +265,8 @@ def main() -> None:
     img = base[None].contiguous()
     for k in (1, 2, 5, 10, 21, 40, 60):
         seg = softmax_seg(1, k, 321, 321)
-        ours, _ = timeit(lambda seg=seg: loss_fwd_bwd(img, seg, threads), reps)
-        orig, _ = timeit(lambda seg=seg: loss_fwd_bwd(img, seg, threads, per_channel=True), max(3, reps // 3), warmup=1)
+        ours, _ = timeit(LayerRun(img, seg), reps)
+        orig, _ = timeit(lambda seg=seg: original_way(img, seg, threads), max(3, reps // 3), warmup=1)
         print(f"{k:3d} | {ours:8.2f} | {orig:9.1f} | {orig / ours:4.1f}x | {ours / k:.3f}")
 
     print("\n== peak memory, 513x513, K=21, batch 1 ==")

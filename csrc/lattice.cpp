@@ -691,7 +691,7 @@ void Lattice::spread(const float* in, int k, Layout layout, const float* mask, i
   const int32_t* offs = offset_.data();
   const float* bars = bary_.data();
   // Small blurs run on one thread: not worth d+1 barriers (which hurt a lot on a busy machine).
-  const bool serial_blur = static_cast<int64_t>(M) * kp * dp1 <= (int64_t{1} << 22);
+  const bool serial_blur = static_cast<int64_t>(M) * kp * dp1 <= (int64_t{1} << 18);
   auto blur_axis = [&](int j, int32_t m0, int32_t m1) {
     const float* src = j == 0 ? V[0] : V[1 + ((j - 1) & 1)];
     ks.blur(src, V[1 + (j & 1)], nbs + static_cast<std::size_t>(j) * M * 2, m0, m1, kp);
