@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS threads would only compete for cores
 
@@ -83,7 +84,7 @@ class LayerRun:
     def __call__(self) -> tuple[float, torch.Tensor]:
         objective = self.net.forward(self.feeds)
         objective.backward()
-        return float(objective), self.net.blob_diff("prob")
+        return float(objective.detach()), self.net.blob_diff("prob")
 
 
 def original_way(image: torch.Tensor, seg: torch.Tensor, threads: int) -> tuple[float, torch.Tensor]:
@@ -116,6 +117,21 @@ def timeit(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
     return float(np.median(times)) * 1e3, float(np.min(times)) * 1e3
 
 
+def timeit_interleaved(runs: list[tuple[Callable[[], object], int]], rounds: int = 5) -> list[tuple[float, float]]:
+    """(median, min) ms of each (function, repeats), timed in `rounds` alternating rounds so that a
+    machine whose speed drifts (a shared VM) affects all of them alike."""
+    for fn, _ in runs:
+        fn()
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(rounds):
+        for (fn, repeats), bucket in zip(runs, times):
+            for _ in range(max(1, -(-repeats // rounds))):
+                t0 = time.perf_counter()
+                fn()
+                bucket.append(time.perf_counter() - t0)
+    return [(float(np.median(t)) * 1e3, float(np.min(t)) * 1e3) for t in times]
+
+
 def phase_breakdown(image: np.ndarray, seg: np.ndarray, threads: int, repeats: int) -> dict:
     """Median per-phase times (ms) of the C++ side of the loss's forward + backward, from its timing
     counters."""
@@ -142,11 +158,11 @@ def peak_memory_child(threads: int) -> None:
     LayerRun(img, seg)()
     with open("/proc/self/status") as f:
         hwm = next(int(x.split()[1]) for x in f if x.startswith("VmHWM"))
-    print(f"{(hwm - rss0) / 1024:.2f} {ext.workspace_bytes() / 2**20:.2f} {2 * seg.numel() * 4 / 2**20:.2f}")
+    print(f"{(hwm - rss0) / 1024:.2f} {ext.workspace_bytes() / 2**20:.2f} {seg.numel() * 4 / 2**20:.2f}")
 
 
 def peak_memory_513(threads: int) -> tuple[float, float, float]:
-    """(peak RSS growth MiB, lattice workspace MiB, output+grad tensors MiB), measured in a subprocess."""
+    """(peak RSS growth MiB, lattice workspace MiB, gradient tensor MiB), measured in a subprocess."""
     import subprocess
 
     try:
@@ -183,7 +199,8 @@ def main() -> None:
     )
     print(
         "times are medians (min in brackets) in ms of the DenseCRFLoss layer's forward + backward in a Net "
-        "(loss_weight 1e-8, the gradient reaching the segmentation input)"
+        "(loss_weight 1e-8, the gradient reaching the segmentation input); ours and the original's way are "
+        "timed in alternating rounds"
     )
 
     base = torch.from_numpy(load_image(321))
@@ -199,8 +216,9 @@ def main() -> None:
         seg = softmax_seg(b, 21, 321, 321)
         r = max(3, reps // (1 + b // 4))
         layer = LayerRun(img, seg)
-        ours, ours_min = timeit(layer, r)
-        orig, orig_min = timeit(lambda img=img, seg=seg: original_way(img, seg, threads), max(3, r // 3), warmup=1)
+        (ours, ours_min), (orig, orig_min) = timeit_interleaved(
+            [(layer, r), (lambda img=img, seg=seg: original_way(img, seg, threads), max(3, r // 3))]
+        )
         agree.append(same_result(layer(), original_way(img, seg, threads)))
         caffe = sum(CAFFE_MS[b]) if b in CAFFE_MS else float("nan")
         vs_caffe = f"{caffe / ours:7.1f}x" if b in CAFFE_MS else "     n/a"
@@ -273,7 +291,7 @@ def main() -> None:
     peak, ws, tensors = peak_memory_513(threads)
     print(
         f"peak RSS growth of one loss fwd+bwd (fresh process, inputs already allocated): {peak:.1f} MiB, of which "
-        f"filtered + grad output tensors {tensors:.1f} MiB and lattice workspace (kept for reuse) {ws:.1f} MiB"
+        f"the gradient tensor {tensors:.1f} MiB and lattice workspace (kept for reuse) {ws:.1f} MiB"
     )
     load1 = os.getloadavg()
     print(

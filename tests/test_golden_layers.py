@@ -51,6 +51,7 @@ def test_golden_layer_case(case: str) -> None:
         actual = net.params[layer][int(index)].diff.reshape(expected.shape)
         errors[f"param diff {key}"] = relative_error(actual, expected)
     assert errors, f"{case}: nothing compared"
+    print(f"\n{case}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     too_big = {
         k: v for k, v in errors.items()
         if v > (grad_tol if (k.startswith("diff") or k.startswith("param diff")) else 1e-4)
