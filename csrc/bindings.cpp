@@ -181,7 +181,7 @@ PYBIND11_MODULE(_lattice, m) {
              std::copy(lat.offsets().begin(), lat.offsets().end(), a.mutable_data());
              return a;
            },
-           "(N, d+1) lattice slots of each point's simplex vertices (index + 1, first-insertion order).")
+           "(N, d+1) lattice indices of each point's simplex vertices (first-insertion order).")
       .def("barycentric",
            [](const rloss::Lattice& lat) {
              py::array_t<float> a({static_cast<py::ssize_t>(lat.num_points()), static_cast<py::ssize_t>(lat.dim() + 1)});

@@ -19,7 +19,7 @@ using EmbedFn = int32_t (*)(int d, const float* scale, const float* f, int nb, i
                             float* bary, int key_bits, uint64_t* keys);
 
 struct KernelSet {
-  // Splat of points [p0, p1) in point order: V[slot] += w * x[p], x[p] = values of point p (read from
+  // Splat of points [p0, p1) in point order: V[offset] += w * x[p], x[p] = values of point p (read from
   // `in`, planar (K, N) or pixel-major (N, K), times mask[p] when given). scratch: 8 * kp floats.
   // Returns false when a value read is NaN or infinite.
   bool (*splat)(const float* in, bool planar, int64_t n, int k, const float* mask, const int32_t* offset,

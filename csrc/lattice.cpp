@@ -448,6 +448,7 @@ struct BlockFeatures {
       float* dst = f + (2 + c) * L;
       for (int l = 0; l < nb; ++l) dst[l] = src[l] / sr;
     }
+    if (s.roi) caffe_roi_mask(s.image + p0, s.channels, plane, nb, s.roi + p0);
   }
 };
 
@@ -579,18 +580,15 @@ bool Lattice::build_with(const FeatureSource& src, int nt, bool sse_pad, Keys& k
   neigh_.assign(static_cast<std::size_t>(dp1) * M * 2, 0);
   add_time(kTMerge, t0);
 
-  // Phase B: global slots (index + 1) and neighbours. Along axis j the n1 neighbour of key k is
+  // Phase B: global indices and neighbours. Along axis j the n1 neighbour of key k is
   // k + (-1, ..., -1, +d at j, -1, ...) and the n2 neighbour of that point is k again; k -> n1(k) is
   // one-to-one, so writing n2 of the found point never collides between threads.
   t0 = Clock::now();
   parallel_each(nt, [&](int t) {
-    const int32_t* map = t > 0 ? remap_[t].data() : nullptr;
-    int32_t* op = offset_.data() + chunk_[t] * dp1;
-    int32_t* const oe = offset_.data() + chunk_[t + 1] * dp1;
-    if (map) {
-      for (; op < oe; ++op) *op = map[*op] + 1;
-    } else {
-      for (; op < oe; ++op) *op += 1;
+    if (t > 0) {  // chunk 0's table is the global one
+      const int32_t* map = remap_[t].data();
+      int32_t* const oe = offset_.data() + chunk_[t + 1] * dp1;
+      for (int32_t* op = offset_.data() + chunk_[t] * dp1; op < oe; ++op) *op = map[*op];
     }
     const int64_t m0 = static_cast<int64_t>(M) * t / nt, m1 = static_cast<int64_t>(M) * (t + 1) / nt;
     for (int64_t m = m0; m < m1; ++m) {
@@ -710,7 +708,7 @@ void Lattice::spread(const float* in, int k, Layout layout, const float* mask, i
       float* v = chunk_sums(c);
       std::fill(v + kp, v + vsize, 0.f);
       const int64_t p0 = n * c / chunks / 8 * 8, p1 = c + 1 == chunks ? n : n * (c + 1) / chunks / 8 * 8;
-      if (!ks.splat(in, planar, n, k, mask, offs, bars, dp1, v, p0, p1, scratch, kp))
+      if (!ks.splat(in, planar, n, k, mask, offs, bars, dp1, v + kp, p0, p1, scratch, kp))
         finite.store(false);
     }
     if (chunks > 1) {
@@ -763,7 +761,7 @@ void Lattice::slice(float* out, Layout layout, const float* mask, float scale, i
   const float alpha = static_cast<float>(1.0 / (1.0 + std::pow(2.0, -d_)));
   const int nt = team_threads(num_threads);
   scratch_.resize(static_cast<std::size_t>(nt) * 8 * kp);
-  const float* vb = vbuf_[1 + (d_ & 1)].data();
+  const float* vb = vbuf_[1 + (d_ & 1)].data() + kp;  // row of lattice point m (slot m + 1)
   run_team(nt, [&](int tid, int nth, auto) {
     PhaseClock clock(tid);
     ks.slice(offset_.data(), bary_.data(), dp1, vb, alpha, n, k, kp, layout == Layout::kPlanar, mask, scale, out,
@@ -791,7 +789,7 @@ void Lattice::filter_per_channel(const float* in, float* out, int k, const float
     std::vector<float> a(static_cast<std::size_t>(M) + 2, 0.f), bbuf(static_cast<std::size_t>(M) + 2, 0.f);
     for (int64_t p = 0; p < n; ++p) {
       const float v = mask ? x[p] * mask[p] : x[p];
-      for (int r = 0; r < dp1; ++r) a[offset_[p * dp1 + r]] += bary_[p * dp1 + r] * v;
+      for (int r = 0; r < dp1; ++r) a[offset_[p * dp1 + r] + 1] += bary_[p * dp1 + r] * v;
     }
     float* cur = a.data();
     float* nxt = bbuf.data();
@@ -802,7 +800,7 @@ void Lattice::filter_per_channel(const float* in, float* out, int k, const float
     }
     for (int64_t p = 0; p < n; ++p) {
       float acc = 0.f;
-      for (int r = 0; r < dp1; ++r) acc += (bary_[p * dp1 + r] * alpha) * cur[offset_[p * dp1 + r]];
+      for (int r = 0; r < dp1; ++r) acc += (bary_[p * dp1 + r] * alpha) * cur[offset_[p * dp1 + r] + 1];
       y[p] = acc;
     }
   }
@@ -899,12 +897,12 @@ LatticeLease::~LatticeLease() {
   for (auto& l : items_) g_pool.push_back(std::move(l));
 }
 
-void caffe_roi_mask(const float* image, int c, int64_t n, float* mask) {
-  for (int64_t p = 0; p < n; ++p) mask[p] = 0.f;
+void caffe_roi_mask(const float* image, int c, int64_t plane, int64_t count, float* mask) {
+  for (int64_t p = 0; p < count; ++p) mask[p] = 0.f;
   for (int ch = 0; ch < c; ++ch) {
-    const float* src = image + ch * n;
+    const float* src = image + ch * plane;
     // (int)v != 0  <=>  |v| >= 1 (truncation toward zero); NaN counts as inside.
-    for (int64_t p = 0; p < n; ++p) mask[p] = (mask[p] != 0.f || !(std::fabs(src[p]) < 1.f)) ? 1.f : 0.f;
+    for (int64_t p = 0; p < count; ++p) mask[p] = (mask[p] != 0.f || !(std::fabs(src[p]) < 1.f)) ? 1.f : 0.f;
   }
 }
 
@@ -915,16 +913,15 @@ void filter_image_batch(const float* image, int64_t b, int c, int64_t h, int64_t
   LatticeLease lease(batch_slots(b, num_threads));
   run_batch(b, num_threads, [&](int64_t i, int slot, int threads) {
     Lattice& lat = lease[slot];
-    const float* img = image + i * c * n;
-    const FeatureSource src = FeatureSource::from_image(img, c, h, w, sigma_xy, sigma_rgb);
-    lat.build(src, threads, sse_pad);
+    FeatureSource src = FeatureSource::from_image(image + i * c * n, c, h, w, sigma_xy, sigma_rgb);
     const float* mk = mask ? mask + i * n : nullptr;
     thread_local std::vector<float> roi;
-    if (roi_from_image) {
+    if (roi_from_image) {  // filled while building
       roi.resize(static_cast<std::size_t>(n));
-      caffe_roi_mask(img, c, n, roi.data());
+      src.roi = roi.data();
       mk = roi.data();
     }
+    lat.build(src, threads, sse_pad);
     lat.filter(values + i * k * n, out + i * k * n, k, Layout::kPlanar, mk, mask_output, threads);
   });
 }
@@ -940,10 +937,10 @@ void DenseCRFLossBatch::forward(const float* image, int64_t b, int c, int64_t h,
   if (mask) std::copy(mask, mask + b * n, masks_.begin());
   run_batch(b, num_threads, [&](int64_t i, int, int threads) {
     Lattice& lat = (*lattices_)[i];
-    const float* img = image + i * c * n;
     float* mk = masks_.data() + i * n;
-    if (!mask) caffe_roi_mask(img, c, n, mk);
-    lat.build(FeatureSource::from_image(img, c, h, w, sigma_xy, sigma_rgb), threads, sse_pad);
+    FeatureSource src = FeatureSource::from_image(image + i * c * n, c, h, w, sigma_xy, sigma_rgb);
+    if (!mask) src.roi = mk;  // the image's ROI mask, filled while building
+    lat.build(src, threads, sse_pad);
     lat.spread(seg + i * k * n, k, Layout::kPlanar, mk, threads, dots + i * k);
   });
   b_ = b;

@@ -40,6 +40,7 @@ struct FeatureSource {
   int64_t height = 0, width = 0;
   int channels = 0;
   float sigma_xy = 1.f, sigma_rgb = 1.f;
+  float* roi = nullptr;  // image sources: when set, build() writes the image's caffe_roi_mask here (N floats)
   int dim = 0;
   int64_t count = 0;  // N
 
@@ -153,7 +154,7 @@ class Lattice {
   std::mutex& mutex() { return mu_; }
 
   // Read-only views, for tests.
-  const std::vector<int32_t>& offsets() const { return offset_; }  // N*(d+1) slots (index + 1)
+  const std::vector<int32_t>& offsets() const { return offset_; }  // N*(d+1) lattice indices
   const std::vector<float>& barycentric() const { return bary_; }  // N*(d+1)
   void key(int32_t m, int32_t* out) const;                         // d coordinates of lattice point m
 
@@ -169,7 +170,7 @@ class Lattice {
   int32_t m_ = 0;
   bool packed_ = false;
   std::vector<float> bary_;           // N x (d+1)
-  std::vector<int32_t> offset_;       // N x (d+1): slot = lattice index + 1 (slot 0 = zero row)
+  std::vector<int32_t> offset_;       // N x (d+1): lattice index of each simplex vertex
   std::vector<int32_t> neigh_;        // (d+1) x M x 2 slots
   std::vector<PackedTable> ptables_;  // per-thread tables during build; [0] is the lattice's
   std::vector<KeyTable> gtables_;     // same for the generic int32 keys
@@ -232,8 +233,8 @@ void filter_image_batch(const float* image, int64_t b, int c, int64_t h, int64_t
                         bool mask_output, int num_threads, bool sse_pad, bool roi_from_image = false);
 
 // Spec 2.15 step 1: mask[p] = 0 when every channel of the mean-subtracted image truncates to 0
-// (|v| < 1), else 1. image (C, N) planar.
-void caffe_roi_mask(const float* image, int c, int64_t n, float* mask);
+// (|v| < 1), else 1, for pixels [0, count) of an image of c planes `plane` floats apart.
+void caffe_roi_mask(const float* image, int c, int64_t plane, int64_t count, float* mask);
 
 // Same for explicit features: features (B, N, d), values/out (B, K, N) planar.
 void filter_feature_batch(const float* features, int64_t b, int64_t n, int d, const float* values, int k,

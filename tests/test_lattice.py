@@ -158,10 +158,10 @@ def test_lattice_order_and_weights_match_spec() -> None:
     f = (rng.randn(64, 5) * 2).astype(np.float32)
     lattice = ext.Lattice(f)
     off = lattice.offsets()
-    # first-insertion order over pixels: the first pixel's vertices are lattice points 0..d (slots 1..d+1)
-    np.testing.assert_array_equal(off[0], np.arange(1, 7))
+    # first-insertion order over pixels: the first pixel's vertices are lattice points 0..d
+    np.testing.assert_array_equal(off[0], np.arange(6))
     seen = np.unique(off)
-    assert seen.min() == 1 and lattice.lattice_size >= seen.max()
+    assert seen.min() == 0 and lattice.lattice_size > seen.max()
     bary = lattice.barycentric()
     np.testing.assert_allclose(bary.sum(1), 1.0, atol=1e-5)
     assert (bary >= -1e-6).all()
