@@ -32,7 +32,6 @@ from rloss.errors import NetError
 from rloss.net import Net as _Net
 from rloss.proto import caffe_pb2
 from rloss.solver import SGDSolver as _SGDSolver
-from rloss.solver import share_trained_layers
 
 TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST
@@ -258,7 +257,7 @@ class Net:
 
     def share_with(self, other: Net) -> None:
         """Use `other`'s parameters in the layers of the same name (as a solver's test nets do)."""
-        share_trained_layers(self._net, other._net)
+        self._net.share_trained_layers_with(other._net)
 
     def reshape(self) -> None:
         """Shapes follow the inputs at every forward; kept for pycaffe compatibility."""

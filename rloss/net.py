@@ -393,5 +393,25 @@ class Net(nn.Module):
                 with torch.no_grad():
                     target.blobs[j].copy_(torch.from_numpy(values.reshape(shape)))
 
+    def share_trained_layers_with(self, source: Net) -> None:
+        """Caffe's ShareTrainedLayersWith: a layer named like one of `source`'s uses its parameters."""
+        by_name = {}
+        for layer in source.layers:
+            by_name.setdefault(layer.name, layer)
+        for layer in self.layers:
+            owner = by_name.get(layer.name)
+            if owner is None or not len(owner.blobs):
+                continue
+            if len(owner.blobs) != len(layer.blobs):
+                raise NetError(f"layer '{layer.name}': {len(layer.blobs)} parameter blobs in the test net "
+                               f"{self.source}, {len(owner.blobs)} in the train net")
+            for j, blob in enumerate(owner.blobs):
+                if tuple(blob.shape) != tuple(layer.blobs[j].shape):
+                    raise NetError(f"layer '{layer.name}' blob {j}: shape {tuple(layer.blobs[j].shape)} in the "
+                                   f"test net {self.source}, {tuple(blob.shape)} in the train net")
+                if layer.blobs[j] is not blob:
+                    layer.blobs[j] = blob
+            self.params[layer.name] = list(layer.blobs)
+
     def learnable_tensors(self) -> Iterable[nn.Parameter]:
         return (entry.tensor for entry in self.learnable)

@@ -26,7 +26,7 @@ import torch
 from google.protobuf import text_format
 
 from rloss.caffe_log import caffe_float, format_duration
-from rloss.errors import NetError, SolverError, WeightsError
+from rloss.errors import SolverError, WeightsError
 from rloss.io import read_solver_state, write_message_atomic
 from rloss.lr_policy import LearningRate, check_policy
 from rloss.net import Net
@@ -368,7 +368,7 @@ class SGDSolver:
         p = self.param
         net = self.test_nets[index]
         log.info("Iteration %d, Testing net (#%d)", self.iter, index)
-        share_trained_layers(net, self.net)
+        net.share_trained_layers_with(self.net)
         iterations = p.test_iter[index]
         sums: list[np.float32] = []
         names: list[str] = []
@@ -488,27 +488,6 @@ def build_net(net_param, phase: int, solver_state, source: str) -> Net:
     filtered = filter_net(net_param, state)
     filtered.state.CopyFrom(state)
     return Net(filtered, state.phase, source=source)
-
-
-def share_trained_layers(target: Net, source: Net) -> None:
-    """Caffe's ShareTrainedLayersWith: a target layer with a source layer's name uses its parameters."""
-    by_name = {}
-    for layer in source.layers:
-        by_name.setdefault(layer.name, layer)
-    for layer in target.layers:
-        owner = by_name.get(layer.name)
-        if owner is None or not len(owner.blobs):
-            continue
-        if len(owner.blobs) != len(layer.blobs):
-            raise NetError(f"layer '{layer.name}': {len(layer.blobs)} parameter blobs in the test net "
-                           f"{target.source}, {len(owner.blobs)} in the train net")
-        for j, blob in enumerate(owner.blobs):
-            if tuple(blob.shape) != tuple(layer.blobs[j].shape):
-                raise NetError(f"layer '{layer.name}' blob {j}: shape {tuple(layer.blobs[j].shape)} in the test "
-                               f"net {target.source}, {tuple(blob.shape)} in the train net")
-            if layer.blobs[j] is not blob:
-                layer.blobs[j] = blob
-        target.params[layer.name] = list(layer.blobs)
 
 
 def _learned_net(name: str, state_file: Path) -> Path:
