@@ -661,10 +661,37 @@ int Lattice::team_threads(int num_threads) const {
   return std::max(1, std::min<int>(num_threads, static_cast<int>(std::max<int64_t>(1, n_ / 2048))));
 }
 
+// Channels splatted, blurred and sliced together: all K, unless the lattice values of that many
+// channels, (M+1) x Kp floats, would outgrow about 1.5 MB (most of a 2 MB L2 cache); then the fewest
+// equal groups that fit (beyond that every splat and slice access would miss the cache).
+int Lattice::channels_per_pass(int k) const {
+  const std::size_t budget = (std::size_t{3} << 19) / sizeof(float) / (static_cast<std::size_t>(m_) + 1);
+  if (static_cast<std::size_t>(detail::padded_channels(k)) <= budget) return k;
+  const int cap = std::max<int>(8, static_cast<int>(budget / 8 * 8));
+  const int groups = (k + cap - 1) / cap;
+  return (k + groups - 1) / groups;
+}
+
 void Lattice::spread(const float* in, int k, Layout layout, const float* mask, int num_threads, double* dots) {
   if (n_ < 1) throw InvalidArgument("lattice: filter called before build");
   if (k < 1) throw InvalidArgument("lattice: need at least one value channel");
   spread_k_ = 0;
+  groups_.clear();
+  // Planar rows of a channel group are contiguous, so groups are just offsets into in/out.
+  const int per = layout == Layout::kPlanar ? channels_per_pass(k) : k;
+  for (int c0 = 0; c0 < k; c0 += per) {
+    const int kg = std::min(per, k - c0);
+    spread_group(in + c0 * n_, kg, layout, mask, num_threads, dots ? dots + c0 : nullptr);
+    const std::size_t g = groups_.size();
+    if (blurred_.size() <= g) blurred_.resize(g + 1);
+    std::swap(blurred_[g], vbuf_[1 + (d_ & 1)]);  // keep this group's blurred values for slice()
+    groups_.push_back({c0, kg});
+  }
+  spread_k_ = k;
+}
+
+void Lattice::spread_group(const float* in, int k, Layout layout, const float* mask, int num_threads,
+                           double* dots) {
   const int kp = detail::padded_channels(k);
   const detail::KernelSet ks = detail::kernels_for(kp);
   const int dp1 = d_ + 1;
@@ -740,7 +767,6 @@ void Lattice::spread(const float* in, int k, Layout layout, const float* mask, i
     }
   });
   if (!finite.load()) throw InvalidArgument("lattice: values contain NaN or Inf");
-  spread_k_ = k;
   if (dots) {
     const double alpha = 1.0 / (1.0 + std::pow(2.0, -d_));
     for (int c = 0; c < k; ++c) {
@@ -753,21 +779,24 @@ void Lattice::spread(const float* in, int k, Layout layout, const float* mask, i
 
 void Lattice::slice(float* out, Layout layout, const float* mask, float scale, int num_threads) {
   if (spread_k_ < 1) throw InvalidArgument("lattice: slice called before spread");
-  const int k = spread_k_;
-  const int kp = detail::padded_channels(k);
-  const detail::KernelSet ks = detail::kernels_for(kp);
   const int dp1 = d_ + 1;
   const int64_t n = n_;
   const float alpha = static_cast<float>(1.0 / (1.0 + std::pow(2.0, -d_)));
   const int nt = team_threads(num_threads);
-  scratch_.resize(static_cast<std::size_t>(nt) * 8 * kp);
-  const float* vb = vbuf_[1 + (d_ & 1)].data() + kp;  // row of lattice point m (slot m + 1)
-  run_team(nt, [&](int tid, int nth, auto) {
-    PhaseClock clock(tid);
-    ks.slice(offset_.data(), bary_.data(), dp1, vb, alpha, n, k, kp, layout == Layout::kPlanar, mask, scale, out,
-             n * tid / nth, n * (tid + 1) / nth, scratch_.data() + static_cast<std::size_t>(tid % nt) * 8 * kp);
-    clock.lap(kTSlice);
-  });
+  for (std::size_t g = 0; g < groups_.size(); ++g) {
+    const auto [c0, k] = groups_[g];
+    const int kp = detail::padded_channels(k);
+    const detail::KernelSet ks = detail::kernels_for(kp);
+    scratch_.resize(static_cast<std::size_t>(nt) * 8 * kp);
+    const float* vb = blurred_[g].data() + kp;  // row of lattice point m (slot m + 1)
+    float* o = out + static_cast<int64_t>(c0) * n;  // planar; pixel-major has one group (c0 = 0)
+    run_team(nt, [&](int tid, int nth, auto) {
+      PhaseClock clock(tid);
+      ks.slice(offset_.data(), bary_.data(), dp1, vb, alpha, n, k, kp, layout == Layout::kPlanar, mask, scale, o,
+               n * tid / nth, n * (tid + 1) / nth, scratch_.data() + static_cast<std::size_t>(tid % nt) * 8 * kp);
+      clock.lap(kTSlice);
+    });
+  }
 }
 
 void Lattice::filter(const float* in, float* out, int k, Layout layout, const float* mask, bool mask_output,
@@ -811,6 +840,7 @@ std::size_t Lattice::memory_bytes() const {
                   neigh_.capacity() * sizeof(int32_t) +
                   scratch_.capacity() * sizeof(float) + dot_scratch_.capacity() * sizeof(double);
   for (const auto& v : vbuf_) s += v.capacity() * sizeof(float);
+  for (const auto& v : blurred_) s += v.capacity() * sizeof(float);
   for (const auto& t : ptables_) s += t.memory_bytes();
   for (const auto& t : gtables_) s += t.memory_bytes();
   for (const auto& r : remap_) s += r.capacity() * sizeof(int32_t);
@@ -825,6 +855,8 @@ void Lattice::release() {
   std::vector<KeyTable>().swap(gtables_);
   std::vector<std::vector<int32_t>>().swap(remap_);
   std::vector<std::vector<float>>().swap(vbuf_);
+  std::vector<std::vector<float>>().swap(blurred_);
+  groups_.clear();
   std::vector<float>().swap(scratch_);
   std::vector<double>().swap(dot_scratch_);
   spread_k_ = 0;

@@ -18,6 +18,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace rloss {
@@ -133,7 +134,8 @@ class Lattice {
   void filter(const float* in, float* out, int k, Layout layout, const float* mask, bool mask_output,
               int num_threads);
   // The first half of filter(): splat x = in * mask (mask may be null) and blur; the blurred values
-  // stay in the lattice for slice(). dots (K doubles, may be null) receives <x_c, (A x)_c> per
+  // stay in the lattice for slice(). Planar values of many channels go through in cache-sized
+  // channel groups (same results: channels never mix). dots (K doubles, may be null) receives <x_c, (A x)_c> per
   // channel, computed on the lattice points (the slice is the splat's transpose, so
   // <x, A x> = alpha <P x, B P x>) without touching the N x K output.
   void spread(const float* in, int k, Layout layout, const float* mask, int num_threads, double* dots);
@@ -162,6 +164,8 @@ class Lattice {
   template <class Keys>
   bool build_with(const FeatureSource& src, int nt, bool sse_pad, Keys& keys);
   int team_threads(int num_threads) const;  // threads worth using inside this lattice
+  int channels_per_pass(int k) const;
+  void spread_group(const float* in, int k, Layout layout, const float* mask, int num_threads, double* dots);
   static int splat_chunks(int64_t n);
 
   std::mutex mu_;
@@ -178,6 +182,8 @@ class Lattice {
   std::vector<int64_t> chunk_;        // pixel chunk boundaries of the build
   // filter buffers (reused between calls)
   std::vector<std::vector<float>> vbuf_;  // (M+1) x Kp each: splatted, two blur buffers, chunk sums
+  std::vector<std::vector<float>> blurred_;  // per channel group: the blurred values slice() reads
+  std::vector<std::pair<int, int>> groups_;  // channel groups of the last spread: (first channel, count)
   int spread_k_ = 0;                  // channels of the last spread (0: nothing to slice)
   std::vector<float> scratch_;        // threads x 8 x Kp (splat and slice tiles)
   std::vector<double> dot_scratch_;   // threads x K (dot product partial sums)
