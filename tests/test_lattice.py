@@ -411,15 +411,16 @@ def test_many_channels_go_through_cache_sized_groups_with_the_same_results() -> 
     """Planar values whose lattice rows would outgrow ~1.5 MB are splatted, blurred and sliced in
     channel groups; channels never mix, so the result equals the one-pass (pixel-major) filter."""
     image = _train_image_bgr(90, 80)
-    features = _features(image, 6.0, 4.0)
+    features = _features(image, 40.0, 15.0)
     m = lat.Permutohedral(features).lattice_size
-    k = int(2.5 * (3 << 19) / 4 / (m + 1)) + 3  # about three groups
-    assert 16 < k < 400, (m, k)  # at least two groups, not absurdly many channels
+    budget = (3 << 19) / 4 / (m + 1)  # floats per lattice row within the cache budget
+    k = int(2.5 * budget) + 3  # about three groups
+    assert budget >= 24 and k < 1200, (m, k)  # wide groups (narrow ones are not worth it), not too many
     values = np.random.RandomState(13).rand(1, k, 90, 80).astype(np.float32)
-    grouped = lat.bilateral_filter(image[None], values, 4.0, 6.0, num_threads=2)
+    grouped = lat.bilateral_filter(image[None], values, 15.0, 40.0, num_threads=2)
     one_pass = lat.Permutohedral(features).filter(values[0].reshape(k, -1).T)
     np.testing.assert_array_equal(grouped[0].reshape(k, -1), one_pass.T)
-    terms = lat.DenseCRFLossTerms(image[None], 4.0, 6.0, mask=np.ones((1, 90, 80), np.float32))
+    terms = lat.DenseCRFLossTerms(image[None], 15.0, 40.0, mask=np.ones((1, 90, 80), np.float32))
     dots = terms.energy(torch.from_numpy(values))
     want = (values.astype(np.float64) * grouped.astype(np.float64)).sum((2, 3))
     np.testing.assert_allclose(dots.numpy(), want, rtol=2e-6)
