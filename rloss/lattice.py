@@ -121,7 +121,7 @@ def _check_memory(points: int, dim: int, channels: int, images_at_once: int) -> 
     avail = _available_memory()
     if avail is not None and need > avail:
         raise LatticeError(
-            f"lattice filtering needs about {need / 2**30:.1f} GiB but only {avail / 2**30:.1f} GiB are "
+            f"lattice filtering needs about {need / 2**30:.1f} GiB of memory but only {avail / 2**30:.1f} GiB are "
             "available (reduce the image size, the batch or the thread count)"
         )
 
@@ -280,7 +280,7 @@ class DenseCRFLossTerms:
 
     def energy(self, segmentation: Array) -> torch.Tensor:
         call = _BatchCall(self.image, segmentation, self.sigma_rgb, self.sigma_xy, self.mask, self.num_threads,
-                          None, False)
+                          out=None, roi_from_image=False, lattices_kept=True)
         img, seg, sxy, sr = call.args
         dots = _call(self._batch.forward, img, seg, sxy, sr, mask=call.kwargs["mask"],
                      num_threads=call.kwargs["num_threads"], sse_pad=self.sse_pad)
@@ -299,7 +299,7 @@ class _BatchCall:
     sizes fail fast and cheaply), and wraps the result like the input."""
 
     def __init__(self, image: Array, values: Array, sigma_rgb: float, sigma_xy: float, mask: Array | None,
-                 num_threads: int | None, out: Array | None, roi_from_image: bool) -> None:
+                 num_threads: int | None, out: Array | None, roi_from_image: bool, lattices_kept: bool = False) -> None:
         ishape, vshape = _shape(image, "image"), _shape(values, "values")
         _check_batch(ishape, vshape)
         sr = _check_sigma(sigma_rgb, "sigma_rgb")
@@ -307,7 +307,8 @@ class _BatchCall:
         b, c, h, w = ishape
         k = vshape[1]
         threads = _threads(num_threads)
-        _check_memory(h * w, c + 2, k, min(b, threads))
+        # The loss keeps every image's lattice until backward; filters hold one per thread.
+        _check_memory(h * w, c + 2, k, b if lattices_kept else min(b, threads))
         img = _as_numpy(image, "image")
         _check_finite(img, "image")
         if mask is not None and roi_from_image:

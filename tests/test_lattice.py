@@ -546,6 +546,15 @@ def test_extension_rejects_bad_buffers_with_value_error() -> None:
         lattice.filter(np.zeros((4, 1), np.float32))
 
 
+def test_loss_terms_count_every_kept_lattice_against_memory() -> None:
+    """The loss keeps one lattice per image until backward: a batch that needs more memory than the
+    machine has is refused up front (before any conversion), not half-way through with an OOM."""
+    zeros = np.broadcast_to(np.zeros((1, 1, 1, 1), np.float32), (4000, 3, 500, 500))
+    terms = lat.DenseCRFLossTerms(zeros, 15.0, 100.0)
+    with pytest.raises(LatticeError, match="memory"):
+        terms.energy(np.broadcast_to(np.zeros((1, 1, 1, 1), np.float32), (4000, 2, 500, 500)))
+
+
 def test_too_large_images_are_refused_not_crashed() -> None:
     # 2^31 / 6 points would overflow the int32 vertex indices: refused before any allocation.
     huge = np.broadcast_to(np.zeros((1, 1, 1, 1), np.float32), (1, 3, 20000, 20000))
