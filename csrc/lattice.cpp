@@ -653,9 +653,13 @@ struct PhaseClock {
 
 // Pixel chunks the splat sums separately before adding the chunk sums in order: fixed by the pixel
 // count alone, so that results do not depend on the thread count. One chunk (the original's
-// sequential sums, bit for bit) below 2^15 pixels; two above, which lets two threads share the
-// splat (the sums then differ from the original's by float rounding, about 1e-7 relative).
-int Lattice::splat_chunks(int64_t n) { return n >= (int64_t{1} << 15) ? 2 : 1; }
+// sequential sums, bit for bit) below 2^15 pixels, two below 2^16, four above, so that up to four
+// threads share the splat of one image (the sums then differ from the original's by float rounding,
+// about 1e-7 relative). Every chunk costs a zeroed (M+1) x Kp buffer and one add.
+int Lattice::splat_chunks(int64_t n) {
+  if (n < (int64_t{1} << 15)) return 1;
+  return n < (int64_t{1} << 16) ? 2 : 4;
+}
 
 int Lattice::team_threads(int num_threads) const {
   return std::max(1, std::min<int>(num_threads, static_cast<int>(std::max<int64_t>(1, n_ / 2048))));

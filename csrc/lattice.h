@@ -7,8 +7,8 @@
 // no normalisation.  Per output element the floating point operations are performed in the same
 // order as the original (splat accumulates in pixel order, slice in vertex order), so the K-at-once
 // filter is bit-identical to K single-channel filterings. One exception, at the rounding level:
-// from 2^15 points the splat sums two fixed halves of the points separately and then adds them
-// (Lattice::splat_chunks), so that two threads can share it; results never depend on the thread count.
+// from 2^15 points the splat sums fixed chunks of the points separately and then adds them
+// (Lattice::splat_chunks), so that threads can share it; results never depend on the thread count.
 //
 // No Python or torch types here: raw float32 buffers in and out.
 #pragma once

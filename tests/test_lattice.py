@@ -383,13 +383,14 @@ def test_large_coordinates_use_int32_keys_without_aliasing() -> None:
     assert (far[100:] == 0).all()
 
 
-def test_large_images_splat_in_two_chunks_independent_of_threads() -> None:
-    """From 2^15 pixels the splat sums two pixel chunks separately (so two threads can share it) and
+@pytest.mark.parametrize("size", [(200, 170), (260, 260)])  # 34000 pixels: two chunks; 67600: four
+def test_large_images_splat_in_fixed_chunks_independent_of_threads(size: tuple[int, int]) -> None:
+    """From 2^15 pixels the splat sums fixed pixel chunks separately (so threads can share it) and
     then adds the chunk sums: the same result for any thread count and for K at once vs one channel
     at a time, and within float rounding of the original's single sequential sum."""
-    image = _train_image_bgr(200, 170)  # 34000 pixels >= 2^15
-    rng = np.random.RandomState(11)
-    values = rng.rand(1, 5, 200, 170).astype(np.float32)
+    h, w = size
+    image = _train_image_bgr(h, w)
+    values = np.random.RandomState(11).rand(1, 5, h, w).astype(np.float32)
     by_threads = {t: lat.bilateral_filter(image[None], values, 15.0, 40.0, num_threads=t) for t in (1, 2, 3)}
     np.testing.assert_array_equal(by_threads[1], by_threads[2])
     np.testing.assert_array_equal(by_threads[1], by_threads[3])
@@ -400,10 +401,14 @@ def test_large_images_splat_in_two_chunks_independent_of_threads() -> None:
     sequential = ext.filter_image_batch_per_channel(image[None], values, 40.0, 15.0)
     assert not np.array_equal(sequential, by_threads[1])  # the chunked sums do round differently...
     assert np.abs(sequential - by_threads[1]).max() <= 1e-6 * np.abs(sequential).max()  # ...by float rounding
-    small = np.ascontiguousarray(image[:, :180, :180])  # 32400 pixels: one chunk, the original's sums
+
+
+def test_images_below_2_15_pixels_keep_the_original_sequential_sums() -> None:
+    image = _train_image_bgr(180, 180)  # 32400 pixels: one chunk
+    values = np.random.RandomState(11).rand(1, 5, 180, 180).astype(np.float32)
     np.testing.assert_array_equal(
-        ext.filter_image_batch_per_channel(small[None], values[:, :, :180, :180].copy(), 40.0, 15.0),
-        lat.bilateral_filter(small[None], values[:, :, :180, :180].copy(), 15.0, 40.0, num_threads=2),
+        ext.filter_image_batch_per_channel(image[None], values, 40.0, 15.0),
+        lat.bilateral_filter(image[None], values, 15.0, 40.0, num_threads=2),
     )
 
 
