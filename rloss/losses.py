@@ -92,7 +92,6 @@ def densecrf_loss(image: torch.Tensor, segmentation: torch.Tensor, mask: torch.T
     return DenseCRFLossFunction.apply(segmentation, terms, make_error)
 
 
-
 def _module_error(message: str) -> RlossError:
     return RlossError(f"DenseCRFLoss: {message}")
 
