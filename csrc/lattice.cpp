@@ -410,6 +410,17 @@ std::vector<KeyTable>& tables_of<KeyTable>(std::vector<PackedTable>&, std::vecto
   return g;
 }
 
+// Spec 2.15 step 1: mask[p] = 0 when every channel of the mean-subtracted image truncates to 0
+// (|v| < 1), else 1, for pixels [0, count) of an image of c planes `plane` floats apart.
+void caffe_roi_mask(const float* image, int c, int64_t plane, int64_t count, float* mask) {
+  for (int64_t p = 0; p < count; ++p) mask[p] = 0.f;
+  for (int ch = 0; ch < c; ++ch) {
+    const float* src = image + ch * plane;
+    // (int)v != 0  <=>  |v| >= 1 (truncation toward zero); NaN counts as inside.
+    for (int64_t p = 0; p < count; ++p) mask[p] = (mask[p] != 0.f || !(std::fabs(src[p]) < 1.f)) ? 1.f : 0.f;
+  }
+}
+
 // Fills the feature block f[d][L] of points [p0, p0 + nb); lanes >= nb get zeros.
 struct BlockFeatures {
   const FeatureSource& s;
@@ -501,7 +512,7 @@ bool Lattice::build_with(const FeatureSource& src, int nt, bool sse_pad, Keys& k
   d_ = d;
   n_ = n;
   m_ = 0;
-  spread_k_ = 0;
+  groups_.clear();
 
   float scale[kMaxDim];
   {
@@ -618,6 +629,9 @@ void Lattice::key(int32_t m, int32_t* out) const {
 
 namespace {
 
+// The slice's constant 1 / (1 + 2^-d) (spec 7.3).
+double slice_constant(int d) { return 1.0 / (1.0 + std::pow(2.0, -d)); }
+
 // Runs body(tid, nth, barrier) on a team of nt threads, or inline when nt == 1. barrier() waits for
 // the whole team.
 template <class F>
@@ -658,7 +672,7 @@ struct PhaseClock {
 // about 1e-7 relative). Every chunk costs a zeroed (M+1) x Kp buffer and one add.
 int Lattice::splat_chunks(int64_t n) {
   if (n < (int64_t{1} << 15)) return 1;
-  return n < (int64_t{1} << 16) ? 2 : 4;
+  return n < (int64_t{1} << 16) ? 2 : kMaxSplatChunks;
 }
 
 int Lattice::team_threads(int num_threads) const {
@@ -681,19 +695,19 @@ int Lattice::channels_per_pass(int k) const {
 void Lattice::spread(const float* in, int k, Layout layout, const float* mask, int num_threads, double* dots) {
   if (n_ < 1) throw InvalidArgument("lattice: filter called before build");
   if (k < 1) throw InvalidArgument("lattice: need at least one value channel");
-  spread_k_ = 0;
-  groups_.clear();
+  groups_.clear();  // nothing to slice until every group is spread
+  std::vector<std::pair<int, int>> groups;
   // Planar rows of a channel group are contiguous, so groups are just offsets into in/out.
   const int per = layout == Layout::kPlanar ? channels_per_pass(k) : k;
   for (int c0 = 0; c0 < k; c0 += per) {
     const int kg = std::min(per, k - c0);
     spread_group(in + c0 * n_, kg, layout, mask, num_threads, dots ? dots + c0 : nullptr);
-    const std::size_t g = groups_.size();
+    const std::size_t g = groups.size();
     if (blurred_.size() <= g) blurred_.resize(g + 1);
     std::swap(blurred_[g], vbuf_[1 + (d_ & 1)]);  // keep this group's blurred values for slice()
-    groups_.push_back({c0, kg});
+    groups.push_back({c0, kg});
   }
-  spread_k_ = k;
+  groups_ = std::move(groups);
 }
 
 void Lattice::spread_group(const float* in, int k, Layout layout, const float* mask, int num_threads,
@@ -715,7 +729,7 @@ void Lattice::spread_group(const float* in, int k, Layout layout, const float* m
   // V[0]: the splatted values (pixel chunk 0, then the sum of all chunks); blur axis 0 reads V[0],
   // then V[1] and V[2] alternate, so the splatted values survive for the dot products.
   // V[3..]: the sums of pixel chunks 1, 2, ...
-  std::vector<float*> V(2 + chunks);
+  float* V[2 + kMaxSplatChunks];
   for (int i = 0; i < 2 + chunks; ++i) V[i] = vbuf_[i].data();
   auto chunk_sums = [&](int c) { return c == 0 ? V[0] : V[2 + c]; };
   const int32_t* nbs = neigh_.data();
@@ -735,8 +749,8 @@ void Lattice::spread_group(const float* in, int k, Layout layout, const float* m
     const int32_t m0 = static_cast<int32_t>(static_cast<int64_t>(M) * tid / nth);
     const int32_t m1 = static_cast<int32_t>(static_cast<int64_t>(M) * (tid + 1) / nth);
     // Splat: each pixel chunk into its own rows, in pixel order; then the chunk sums in chunk order.
-    if (tid == 0)
-      for (float* v : V) std::fill(v, v + kp, 0.f);  // slot 0: the zero row for missing neighbours
+    if (tid == 0)  // slot 0: the zero row for missing neighbours
+      for (int i = 0; i < 2 + chunks; ++i) std::fill(V[i], V[i] + kp, 0.f);
     for (int c = tid; c < chunks; c += nth) {
       float* v = chunk_sums(c);
       std::fill(v + kp, v + vsize, 0.f);
@@ -774,7 +788,7 @@ void Lattice::spread_group(const float* in, int k, Layout layout, const float* m
   });
   if (!finite.load()) throw InvalidArgument("lattice: values contain NaN or Inf");
   if (dots) {
-    const double alpha = 1.0 / (1.0 + std::pow(2.0, -d_));
+    const double alpha = slice_constant(d_);
     for (int c = 0; c < k; ++c) {
       double sum = 0.0;
       for (int t = 0; t < nt; ++t) sum += dot_scratch_[static_cast<std::size_t>(t) * k + c];
@@ -784,10 +798,10 @@ void Lattice::spread_group(const float* in, int k, Layout layout, const float* m
 }
 
 void Lattice::slice(float* out, Layout layout, const float* mask, float scale, int num_threads) {
-  if (spread_k_ < 1) throw InvalidArgument("lattice: slice called before spread");
+  if (groups_.empty()) throw InvalidArgument("lattice: slice called before spread");
   const int dp1 = d_ + 1;
   const int64_t n = n_;
-  const float alpha = static_cast<float>(1.0 / (1.0 + std::pow(2.0, -d_)));
+  const float alpha = static_cast<float>(slice_constant(d_));
   const int nt = team_threads(num_threads);
   for (std::size_t g = 0; g < groups_.size(); ++g) {
     const auto [c0, k] = groups_[g];
@@ -816,7 +830,7 @@ void Lattice::filter_per_channel(const float* in, float* out, int k, const float
   const int dp1 = d_ + 1;
   const int32_t M = m_;
   const int64_t n = n_;
-  const float alpha = static_cast<float>(1.0 / (1.0 + std::pow(2.0, -d_)));
+  const float alpha = static_cast<float>(slice_constant(d_));
   for (int c = 0; c < k; ++c) {
     const float* x = in + static_cast<int64_t>(c) * n;
     float* y = out + static_cast<int64_t>(c) * n;
@@ -865,7 +879,6 @@ void Lattice::release() {
   groups_.clear();
   std::vector<float>().swap(scratch_);
   std::vector<double>().swap(dot_scratch_);
-  spread_k_ = 0;
   n_ = 0;
   m_ = 0;
 }
@@ -935,14 +948,6 @@ LatticeLease::~LatticeLease() {
   for (auto& l : items_) g_pool.push_back(std::move(l));
 }
 
-void caffe_roi_mask(const float* image, int c, int64_t plane, int64_t count, float* mask) {
-  for (int64_t p = 0; p < count; ++p) mask[p] = 0.f;
-  for (int ch = 0; ch < c; ++ch) {
-    const float* src = image + ch * plane;
-    // (int)v != 0  <=>  |v| >= 1 (truncation toward zero); NaN counts as inside.
-    for (int64_t p = 0; p < count; ++p) mask[p] = (mask[p] != 0.f || !(std::fabs(src[p]) < 1.f)) ? 1.f : 0.f;
-  }
-}
 
 void filter_image_batch(const float* image, int64_t b, int c, int64_t h, int64_t w, const float* values, int k,
                         float* out, float sigma_xy, float sigma_rgb, const float* mask, bool mask_output,

@@ -34,6 +34,8 @@ struct InvalidArgument : std::invalid_argument {
 constexpr int kMaxDim = 32;
 // Points embedded together by the SIMD embedding kernel.
 constexpr int kEmbedLanes = 8;
+// Most pixel chunks a splat sums separately (Lattice::splat_chunks).
+constexpr int kMaxSplatChunks = 4;
 
 // Where per-pixel features come from: either an (N, d) row-major array, or an image
 // (C planes of H x W) turned on the fly into (x/s_xy, y/s_xy, c_0/s_rgb, ..., c_{C-1}/s_rgb).
@@ -185,8 +187,7 @@ class Lattice {
   // filter buffers (reused between calls)
   std::vector<std::vector<float>> vbuf_;  // (M+1) x Kp each: splatted, two blur buffers, chunk sums
   std::vector<std::vector<float>> blurred_;  // per channel group: the blurred values slice() reads
-  std::vector<std::pair<int, int>> groups_;  // channel groups of the last spread: (first channel, count)
-  int spread_k_ = 0;                  // channels of the last spread (0: nothing to slice)
+  std::vector<std::pair<int, int>> groups_;  // channel groups of the last spread (none: nothing to slice)
   std::vector<float> scratch_;        // threads x 8 x Kp (splat and slice tiles)
   std::vector<double> dot_scratch_;   // threads x K (dot product partial sums)
 };
@@ -240,9 +241,6 @@ void filter_image_batch(const float* image, int64_t b, int c, int64_t h, int64_t
                         int k, float* out, float sigma_xy, float sigma_rgb, const float* mask,
                         bool mask_output, int num_threads, bool sse_pad, bool roi_from_image = false);
 
-// Spec 2.15 step 1: mask[p] = 0 when every channel of the mean-subtracted image truncates to 0
-// (|v| < 1), else 1, for pixels [0, count) of an image of c planes `plane` floats apart.
-void caffe_roi_mask(const float* image, int c, int64_t plane, int64_t count, float* mask);
 
 // Same for explicit features: features (B, N, d), values/out (B, K, N) planar.
 void filter_feature_batch(const float* features, int64_t b, int64_t n, int d, const float* values, int k,
