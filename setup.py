@@ -58,10 +58,16 @@ class BuildPyWithSchema(build_py):
         shutil.copyfile(os.path.join(HERE, "proto", "caffe.proto"), target)
 
 
+def _csrc(*suffixes: str) -> list[str]:
+    return sorted(os.path.join("csrc", f) for f in os.listdir(os.path.join(HERE, "csrc")) if f.endswith(suffixes))
+
+
 ext_modules = [
     Pybind11Extension(
         "rloss._lattice",
-        sorted(os.path.join("csrc", f) for f in os.listdir(os.path.join(HERE, "csrc")) if f.endswith(".cpp")),
+        _csrc(".cpp"),
+        # Headers too: a changed class layout must rebuild every object, or stale ones crash at run time.
+        depends=_csrc(".h"),
         include_dirs=["csrc"],
         cxx_std=17,
         extra_compile_args=["-O3"] if sys.platform != "win32" else ["/O2"],
