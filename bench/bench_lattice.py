@@ -7,16 +7,23 @@ times on this machine and with our own lattice used the original's way (one chan
 thread per image, the mask and dot products in torch) in the same run. Also reports where the time
 goes, scaling with pixel count and with K, and peak memory at 513x513.
 
+The original's way is bench-only C++ (bench/baseline_lattice.cpp), compiled on the first run with the
+production lattice sources into build/bench_baseline/ (about 20 s; rebuilt when a source changes).
+
     python bench/bench_lattice.py [--threads 2] [--repeats 15] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
+import io
 import os
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Callable
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS threads would only compete for cores
@@ -33,12 +40,51 @@ from rloss.proto import caffe_pb2  # noqa: E402
 
 ext = lat.extension()
 
-SHARED = Path(os.environ.get("RLOSS_SHARED", str(Path(__file__).resolve().parents[2] / "shared")))
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("RLOSS_SHARED", str(ROOT.parent / "shared")))
 TRAIN_IMAGE = SHARED / "reference" / "rloss-exper" / "exper" / "visualization" / "trainimage1.png"
 MEAN_BGR = np.array([104.008, 116.669, 122.675], dtype=np.float32)
 SIGMA_XY, SIGMA_RGB, LOSS_WEIGHT = 100.0, 15.0, 1e-8
 # The original Caffe DenseCRFLoss layer on this machine (golden/04_timing, 2 threads): fwd, bwd in ms.
 CAFFE_MS = {1: (122.0, 11.0), 2: (301.0, 26.0)}
+
+
+def build_baseline() -> ModuleType:
+    """The bench-only extension rloss_bench_baseline (bench/baseline_lattice.cpp plus the lattice sources
+    of csrc/ but their bindings), compiled into build/bench_baseline/ unless it is up to date, and imported."""
+    from setuptools import Distribution, Extension
+
+    try:
+        import pybind11
+
+        pybind11_include = pybind11.get_include()
+    except ImportError:  # torch ships the pybind11 headers
+        from torch.utils.cpp_extension import include_paths
+
+        pybind11_include = include_paths()[0]
+    csrc = ROOT / "csrc"
+    lattice_sources = sorted(p for p in csrc.glob("*.cpp") if p.name != "bindings.cpp")
+    sources = [ROOT / "bench" / "baseline_lattice.cpp", *lattice_sources]
+    extension = Extension(
+        "rloss_bench_baseline",
+        [str(p) for p in sources],
+        depends=[str(p) for p in sorted(csrc.glob("*.h"))],
+        include_dirs=[str(csrc), pybind11_include],
+        language="c++",
+        extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-fopenmp"],
+        extra_link_args=["-fopenmp"],
+    )
+    build = ROOT / "build" / "bench_baseline"
+    command = Distribution({"name": "rloss_bench_baseline", "ext_modules": [extension]}).get_command_obj("build_ext")
+    command.build_lib, command.build_temp, command.parallel = str(build), str(build / "temp"), os.cpu_count()
+    command.ensure_finalized()
+    with contextlib.redirect_stdout(io.StringIO()):  # setuptools' progress lines
+        command.run()
+    path = command.get_ext_fullpath("rloss_bench_baseline")
+    spec = importlib.util.spec_from_file_location("rloss_bench_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_image(size: int) -> np.ndarray:
@@ -87,14 +133,15 @@ class LayerRun:
         return float(objective.detach()), self.net.blob_diff("prob")
 
 
-def original_way(image: torch.Tensor, seg: torch.Tensor, threads: int) -> tuple[float, torch.Tensor]:
+def original_way(baseline: ModuleType, image: torch.Tensor, seg: torch.Tensor,
+                 threads: int) -> tuple[float, torch.Tensor]:
     """The original's way on our lattice: mask tensor, one channel at a time, one thread per image,
     the dot products and the gradient scaling in torch."""
     n = image.shape[0]
     mask = lat.caffe_roi_mask(image)
     filt = torch.from_numpy(
-        ext.filter_image_batch_per_channel(image.numpy(), seg.numpy(), SIGMA_XY, SIGMA_RGB, mask=mask.numpy(),
-                                           num_threads=threads)
+        baseline.filter_image_batch_per_channel(image.numpy(), seg.numpy(), SIGMA_XY, SIGMA_RGB, mask=mask.numpy(),
+                                                num_threads=threads)
     ) * mask[:, None]
     loss = -torch.dot(seg.reshape(-1), filt.reshape(-1)) / n
     return float(loss) * LOSS_WEIGHT, filt * (-2.0 * LOSS_WEIGHT / n)
@@ -192,6 +239,7 @@ def main() -> None:
         return
     threads, reps = args.threads, (5 if args.quick else args.repeats)
     torch.set_num_threads(threads)
+    baseline = build_baseline()
     load0 = os.getloadavg()
     print(
         f"rloss lattice benchmark: kernels {ext.kernel_isa()}, OpenMP {ext.have_openmp()}, threads {threads}, "
@@ -217,9 +265,9 @@ def main() -> None:
         r = max(3, reps // (1 + b // 4))
         layer = LayerRun(img, seg)
         (ours, ours_min), (orig, orig_min) = timeit_interleaved(
-            [(layer, r), (lambda img=img, seg=seg: original_way(img, seg, threads), max(3, r // 3))]
+            [(layer, r), (lambda img=img, seg=seg: original_way(baseline, img, seg, threads), max(3, r // 3))]
         )
-        agree.append(same_result(layer(), original_way(img, seg, threads)))
+        agree.append(same_result(layer(), original_way(baseline, img, seg, threads)))
         caffe = sum(CAFFE_MS[b]) if b in CAFFE_MS else float("nan")
         vs_caffe = f"{caffe / ours:7.1f}x" if b in CAFFE_MS else "     n/a"
         caffe_s = f"{caffe:13.0f}" if b in CAFFE_MS else f"{'n/a':>13}"
@@ -275,7 +323,7 @@ def main() -> None:
         seg = softmax_seg(1, 21, s, s)
         r = max(3, reps * 2 if s <= 161 else reps // (1 + s // 321))
         ours, _ = timeit(LayerRun(img, seg), r)
-        orig, _ = timeit(lambda img=img, seg=seg: original_way(img, seg, threads), max(3, r // 3), warmup=1)
+        orig, _ = timeit(lambda img=img, seg=seg: original_way(baseline, img, seg, threads), max(3, r // 3), warmup=1)
         print(f"{s:4d}^2 | {s * s:7d} | {ours:8.2f} | {orig:9.1f} | {orig / ours:4.1f}x | {ours * 1e3 / (s * s):.3f}")
 
     print("\n== time vs K (321x321, batch 1) ==")
@@ -284,7 +332,7 @@ def main() -> None:
     for k in (1, 2, 5, 10, 21, 40, 60):
         seg = softmax_seg(1, k, 321, 321)
         ours, _ = timeit(LayerRun(img, seg), reps)
-        orig, _ = timeit(lambda seg=seg: original_way(img, seg, threads), max(3, reps // 3), warmup=1)
+        orig, _ = timeit(lambda seg=seg: original_way(baseline, img, seg, threads), max(3, reps // 3), warmup=1)
         print(f"{k:3d} | {ours:8.2f} | {orig:9.1f} | {orig / ours:4.1f}x | {ours / k:.3f}")
 
     print("\n== peak memory, 513x513, K=21, batch 1 ==")

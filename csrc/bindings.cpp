@@ -5,11 +5,16 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
 
+#include "batch.h"
+#include "kernels.h"
 #include "lattice.h"
+#include "parallel.h"
+#include "timing.h"
 
 namespace py = pybind11;
 using rloss::InvalidArgument;
@@ -31,16 +36,9 @@ const float* checked(const py::array& a, const char* name, int ndim, int may_be_
     throw InvalidArgument(std::string(name) + " must have " + std::to_string(ndim) + " dimensions, got shape " +
                           shape_str(a));
   for (py::ssize_t i = 0; i < a.ndim(); ++i)
-    if (a.shape(i) == 0 && i != may_be_empty_axis) throw InvalidArgument(std::string(name) + " must not be empty, got shape " + shape_str(a));
+    if (a.shape(i) == 0 && i != may_be_empty_axis)
+      throw InvalidArgument(std::string(name) + " must not be empty, got shape " + shape_str(a));
   return static_cast<const float*>(a.data());
-}
-
-float* checked_out(py::array& a, const char* name, const std::vector<py::ssize_t>& shape) {
-  checked(a, name, static_cast<int>(shape.size()));
-  if (!a.writeable()) throw InvalidArgument(std::string(name) + " must be writeable");
-  for (std::size_t i = 0; i < shape.size(); ++i)
-    if (a.shape(i) != shape[i]) throw InvalidArgument(std::string(name) + " has the wrong shape " + shape_str(a));
-  return static_cast<float*>(a.mutable_data());
 }
 
 int to_int_channels(py::ssize_t k, const char* what) {
@@ -51,8 +49,19 @@ int to_int_channels(py::ssize_t k, const char* what) {
 py::array_t<float> make_or_check_out(py::object out, const std::vector<py::ssize_t>& shape) {
   if (out.is_none()) return py::array_t<float>(shape);
   py::array arr = py::reinterpret_borrow<py::array>(out);
-  checked_out(arr, "out", shape);
+  checked(arr, "out", static_cast<int>(shape.size()));
+  if (!arr.writeable()) throw InvalidArgument("out must be writeable");
+  for (std::size_t i = 0; i < shape.size(); ++i)
+    if (arr.shape(i) != shape[i]) throw InvalidArgument("out has the wrong shape " + shape_str(arr));
   return py::reinterpret_borrow<py::array_t<float>>(arr);
+}
+
+void check_image_channels(py::ssize_t c) {
+  if (c + 2 > rloss::kMaxDim) throw InvalidArgument("image has too many channels: " + std::to_string(c));
+}
+
+void check_sigmas(float sigma_xy, float sigma_rgb) {
+  if (!(sigma_xy > 0.f) || !(sigma_rgb > 0.f)) throw InvalidArgument("sigmas must be > 0");
 }
 
 // Checked arguments of the batched image functions: image (B, C, H, W), values (B, K, H, W),
@@ -72,8 +81,8 @@ struct ImageBatch {
     if (val.shape(0) != b || val.shape(2) != h || val.shape(3) != w)
       throw InvalidArgument("values " + shape_str(val) + " do not match image " + shape_str(img) +
                             " (need (B, K, H, W) with the image's B, H, W)");
-    if (c + 2 > rloss::kMaxDim) throw InvalidArgument("image has too many channels: " + std::to_string(c));
-    if (!(sigma_xy > 0.f) || !(sigma_rgb > 0.f)) throw InvalidArgument("sigmas must be > 0");
+    check_image_channels(c);
+    check_sigmas(sigma_xy, sigma_rgb);
     if (!mk.is_none()) {
       const py::array arr = py::reinterpret_borrow<py::array>(mk);
       mask = checked(arr, "mask", 3);
@@ -83,25 +92,14 @@ struct ImageBatch {
     if (roi_from_image && mask) throw InvalidArgument("give either mask or roi_from_image, not both");
     k = to_int_channels(val.shape(1), "value channels");
   }
-  std::vector<py::ssize_t> values_shape() const { return {b, k, h, w}; }
 };
 
-py::array_t<float> image_batch(const py::array& image, const py::array& values, float sigma_xy, float sigma_rgb,
-                               py::object mask, bool mask_output, int num_threads, bool sse_pad,
-                               py::object out, bool per_channel, bool roi_from_image) {
-  const ImageBatch a(image, values, sigma_xy, sigma_rgb, mask, roi_from_image);
-  py::array_t<float> result = make_or_check_out(out, a.values_shape());
-  float* o = result.mutable_data();
-  {
-    py::gil_scoped_release release;
-    if (per_channel)
-      rloss::filter_image_batch_per_channel(a.image, a.b, static_cast<int>(a.c), a.h, a.w, a.values, a.k, o,
-                                            sigma_xy, sigma_rgb, a.mask, num_threads, sse_pad);
-    else
-      rloss::filter_image_batch(a.image, a.b, static_cast<int>(a.c), a.h, a.w, a.values, a.k, o, sigma_xy,
-                                sigma_rgb, a.mask, mask_output, num_threads, sse_pad, roi_from_image);
-  }
-  return result;
+std::unique_ptr<rloss::Lattice> built(const rloss::FeatureSource& src, int num_threads, bool sse_pad,
+                                      bool force_generic_keys) {
+  auto lat = std::make_unique<rloss::Lattice>();
+  py::gil_scoped_release release;
+  lat->build(src, num_threads, sse_pad, force_generic_keys);
+  return lat;
 }
 
 }  // namespace
@@ -109,71 +107,53 @@ py::array_t<float> image_batch(const py::array& image, const py::array& values, 
 PYBIND11_MODULE(_lattice, m) {
   m.doc() = "Permutohedral lattice (Caffe DeepLab/rloss numerics), K channels per pass, OpenMP.";
 
-  py::class_<rloss::Lattice>(m, "Lattice",
-                             "Lattice built once from (N, d) float32 features; filters any number of channels.")
+  py::class_<rloss::Lattice>(m, "Lattice", "Lattice built once over N points; filters any number of channels.")
       .def(py::init([](const py::array& features, int num_threads, bool sse_pad, bool force_generic_keys) {
              const float* f = checked(features, "features", 2);
              if (features.shape(1) > rloss::kMaxDim)
                throw InvalidArgument("features: dimension " + std::to_string(features.shape(1)) +
                                      " exceeds the maximum " + std::to_string(rloss::kMaxDim));
-             auto lat = std::make_unique<rloss::Lattice>();
-             const auto src = rloss::FeatureSource::from_array(f, features.shape(0),
-                                                               static_cast<int>(features.shape(1)));
-             {
-               py::gil_scoped_release release;
-               lat->build(src, num_threads, sse_pad, force_generic_keys);
-             }
-             return lat;
+             const auto src =
+                 rloss::FeatureSource::from_array(f, features.shape(0), static_cast<int>(features.shape(1)));
+             return built(src, num_threads, sse_pad, force_generic_keys);
            }),
            py::arg("features"), py::arg("num_threads") = 1, py::arg("sse_pad") = true,
-           py::arg("force_generic_keys") = false)
+           py::arg("force_generic_keys") = false, "Lattice over (N, d) float32 features.")
+      .def_static(
+          "from_image",
+          [](const py::array& image, float sigma_xy, float sigma_rgb, int num_threads, bool sse_pad) {
+            const float* img = checked(image, "image", 3, /*channels may be 0: spatial features only*/ 0);
+            check_image_channels(image.shape(0));
+            check_sigmas(sigma_xy, sigma_rgb);
+            const auto src = rloss::FeatureSource::from_image(img, static_cast<int>(image.shape(0)), image.shape(1),
+                                                              image.shape(2), sigma_xy, sigma_rgb);
+            return built(src, num_threads, sse_pad, false);
+          },
+          py::arg("image"), py::arg("sigma_xy"), py::arg("sigma_rgb"), py::arg("num_threads") = 1,
+          py::arg("sse_pad") = true,
+          "Lattice over the pixels of image (C, H, W): features (x/sigma_xy, y/sigma_xy, c/sigma_rgb...).")
       .def(
           "filter",
-          [](rloss::Lattice& lat, const py::array& values, int num_threads, bool planar, py::object out) {
+          [](rloss::Lattice& lat, const py::array& values, int num_threads) {
             checked(values, "values", 2);
-            const py::ssize_t n = planar ? values.shape(1) : values.shape(0);
-            const py::ssize_t k = planar ? values.shape(0) : values.shape(1);
-            if (n != lat.num_points())
+            if (values.shape(0) != lat.num_points())
               throw InvalidArgument("values " + shape_str(values) + " do not match the lattice's " +
-                                    std::to_string(lat.num_points()) + " points" +
-                                    (planar ? " (planar layout: (K, N))" : " (layout: (N, K))"));
-            const int kk = to_int_channels(k, "value channels");
-            py::array_t<float> result = make_or_check_out(out, {values.shape(0), values.shape(1)});
-            const float* in = static_cast<const float*>(values.data());
-            float* o = result.mutable_data();
-            {
-              py::gil_scoped_release release;
-              std::lock_guard<std::mutex> lock(lat.mutex());
-              lat.filter(in, o, kk, planar ? rloss::Layout::kPlanar : rloss::Layout::kPixelMajor, nullptr, false,
-                         num_threads);
-            }
-            return result;
-          },
-          py::arg("values"), py::arg("num_threads") = 1, py::arg("planar") = false, py::arg("out") = py::none(),
-          "out = A values; values (N, K), or (K, N) with planar=True.")
-      .def(
-          "filter_per_channel",
-          [](rloss::Lattice& lat, const py::array& values) {
-            checked(values, "values", 2);
-            if (values.shape(1) != lat.num_points())
-              throw InvalidArgument("values " + shape_str(values) + " must be (K, N) with N = " +
-                                    std::to_string(lat.num_points()));
-            const int kk = to_int_channels(values.shape(0), "value channels");
+                                    std::to_string(lat.num_points()) + " points (layout: (N, K))");
+            const int k = to_int_channels(values.shape(1), "value channels");
             py::array_t<float> result({values.shape(0), values.shape(1)});
             const float* in = static_cast<const float*>(values.data());
             float* o = result.mutable_data();
             {
               py::gil_scoped_release release;
               std::lock_guard<std::mutex> lock(lat.mutex());
-              lat.filter_per_channel(in, o, kk, nullptr);
+              lat.filter(in, o, k, rloss::Layout::kPixelMajor, nullptr, false, num_threads);
             }
             return result;
           },
-          py::arg("values"), "The original's way (baseline): planar (K, N), one channel at a time, one thread.")
+          py::arg("values"), py::arg("num_threads") = 1, "out = A values for values (N, K).")
       .def_property_readonly("num_points", &rloss::Lattice::num_points)
       .def_property_readonly("dim", &rloss::Lattice::dim)
       .def_property_readonly("lattice_size", &rloss::Lattice::lattice_size)
-      .def_property_readonly("memory_bytes", &rloss::Lattice::memory_bytes)
       .def_property_readonly("packed_keys", &rloss::Lattice::packed_keys)
       .def("offsets",
            [](const rloss::Lattice& lat) {
@@ -199,13 +179,36 @@ PYBIND11_MODULE(_lattice, m) {
       "filter_image_batch",
       [](const py::array& image, const py::array& values, float sigma_xy, float sigma_rgb, py::object mask,
          bool mask_output, int num_threads, bool sse_pad, py::object out, bool roi_from_image) {
-        return image_batch(image, values, sigma_xy, sigma_rgb, mask, mask_output, num_threads, sse_pad, out, false,
-                           roi_from_image);
+        const ImageBatch a(image, values, sigma_xy, sigma_rgb, mask, roi_from_image);
+        py::array_t<float> result = make_or_check_out(out, {a.b, a.k, a.h, a.w});
+        float* o = result.mutable_data();
+        {
+          py::gil_scoped_release release;
+          rloss::filter_image_batch(a.image, a.b, static_cast<int>(a.c), a.h, a.w, a.values, a.k, o, sigma_xy,
+                                    sigma_rgb, a.mask, mask_output, num_threads, sse_pad, roi_from_image);
+        }
+        return result;
       },
       py::arg("image"), py::arg("values"), py::arg("sigma_xy"), py::arg("sigma_rgb"), py::arg("mask") = py::none(),
       py::arg("mask_output") = false, py::arg("num_threads") = 1, py::arg("sse_pad") = true,
       py::arg("out") = py::none(), py::arg("roi_from_image") = false,
       "Per image: lattice over (x/sxy, y/sxy, c/srgb...), then all K channels filtered in one pass.");
+
+  m.def(
+      "roi_mask",
+      [](const py::array& image) {
+        const float* img = checked(image, "image", 4, /*channels may be 0*/ 1);
+        const py::ssize_t b = image.shape(0), c = image.shape(1), n = image.shape(2) * image.shape(3);
+        py::array_t<float> result({b, image.shape(2), image.shape(3)});
+        float* o = result.mutable_data();
+        {
+          py::gil_scoped_release release;
+          for (py::ssize_t i = 0; i < b; ++i) rloss::caffe_roi_mask(img + i * c * n, static_cast<int>(c), n, n, o + i * n);
+        }
+        return result;
+      },
+      py::arg("image"), "The DenseCRF loss's ROI mask (B, H, W) of image (B, C, H, W): 0 where all channels are in (-1, 1).");
+
   py::class_<rloss::DenseCRFLossBatch>(
       m, "DenseCRFLossBatch",
       "The DenseCRF loss of a batch in two halves: forward keeps one lattice per image for backward.")
@@ -230,10 +233,9 @@ PYBIND11_MODULE(_lattice, m) {
           "<m S_c, A(m S)_c> per image and class, (B, K) float64; mask None = the image's ROI mask.")
       .def(
           "backward",
-          [](rloss::DenseCRFLossBatch& self, float scale, int num_threads, py::object out) {
-            py::array_t<float> result = make_or_check_out(
-                out, {static_cast<py::ssize_t>(self.batch()), static_cast<py::ssize_t>(self.channels()),
-                      static_cast<py::ssize_t>(self.pixels())});
+          [](rloss::DenseCRFLossBatch& self, float scale, int num_threads) {
+            py::array_t<float> result({static_cast<py::ssize_t>(self.batch()), static_cast<py::ssize_t>(self.channels()),
+                                       static_cast<py::ssize_t>(self.pixels())});
             float* o = result.mutable_data();
             {
               py::gil_scoped_release release;
@@ -242,39 +244,8 @@ PYBIND11_MODULE(_lattice, m) {
             }
             return result;
           },
-          py::arg("scale"), py::arg("num_threads") = 1, py::arg("out") = py::none(),
+          py::arg("scale"), py::arg("num_threads") = 1,
           "scale * A(m S) m as (B, K, H*W) float32, from the lattices kept by forward.");
-  m.def(
-      "filter_image_batch_per_channel",
-      [](const py::array& image, const py::array& values, float sigma_xy, float sigma_rgb, py::object mask,
-         int num_threads, bool sse_pad) {
-        return image_batch(image, values, sigma_xy, sigma_rgb, mask, false, num_threads, sse_pad, py::none(), true,
-                           false);
-      },
-      py::arg("image"), py::arg("values"), py::arg("sigma_xy"), py::arg("sigma_rgb"), py::arg("mask") = py::none(),
-      py::arg("num_threads") = 1, py::arg("sse_pad") = true,
-      "Baseline: the original's way (one thread per image, one channel at a time).");
-  m.def(
-      "filter_feature_batch",
-      [](const py::array& features, const py::array& values, int num_threads, bool sse_pad, py::object out) {
-        const float* f = checked(features, "features", 3);
-        const float* v = checked(values, "values", 3);
-        const py::ssize_t b = features.shape(0), n = features.shape(1), d = features.shape(2);
-        if (d > rloss::kMaxDim) throw InvalidArgument("features: dimension too large: " + std::to_string(d));
-        if (values.shape(0) != b || values.shape(2) != n)
-          throw InvalidArgument("values " + shape_str(values) + " must be (B, K, N) for features " +
-                                shape_str(features));
-        const int k = to_int_channels(values.shape(1), "value channels");
-        py::array_t<float> result = make_or_check_out(out, {b, values.shape(1), n});
-        float* o = result.mutable_data();
-        {
-          py::gil_scoped_release release;
-          rloss::filter_feature_batch(f, b, n, static_cast<int>(d), v, k, o, num_threads, sse_pad);
-        }
-        return result;
-      },
-      py::arg("features"), py::arg("values"), py::arg("num_threads") = 1, py::arg("sse_pad") = true,
-      py::arg("out") = py::none(), "features (B, N, d), values (B, K, N) -> (B, K, N).");
 
   m.def("set_timing", [](bool on) { rloss::timers().enabled.store(on); }, py::arg("enabled"));
   m.def("reset_timers", []() { rloss::timers().reset(); });
@@ -284,9 +255,7 @@ PYBIND11_MODULE(_lattice, m) {
       dct[rloss::timer_name(i)] = static_cast<double>(rloss::timers().ns[i].load()) * 1e-9;
     return dct;
   }, "Accumulated seconds per phase (when set_timing(True)).");
-  m.def("release_workspaces", &rloss::release_workspaces, "Frees the buffers cached by the batched functions.");
-  m.def("workspace_bytes", &rloss::workspace_bytes);
+  m.def("workspace_bytes", &rloss::workspace_bytes, "Bytes held by the lattices the batched functions keep for reuse.");
   m.def("have_openmp", &rloss::have_openmp);
-  m.def("max_threads", &rloss::max_threads);
-  m.def("kernel_isa", &rloss::kernel_isa);
+  m.def("kernel_isa", &rloss::detail::kernels_isa, "\"avx2\" or \"baseline\": the kernels picked for this CPU.");
 }

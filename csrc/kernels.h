@@ -3,12 +3,12 @@
 
 #include <cstdint>
 
-#include "lattice.h"
+#include "common.h"
 
 namespace rloss {
 namespace detail {
 
-// Embeds kEmbedLanes = 8 points at once (spec 7.3 "Embedding"). f is [d][8] (feature-major); rem0
+// Embeds kEmbedLanes = 8 points at once, as the original embeds one. f is [d][8] (feature-major); rem0
 // (remainder-0 point after the sum fix) and rank are written as [(d+1)][8]; the barycentric weights
 // b[0..d] of the first nb points go to bary[nb][d+1] (point-major). With key_bits > 0 the simplex
 // vertex keys packed into uint64 (key_bits bits per coordinate, biased by 2^(key_bits-1)) of the
@@ -27,7 +27,8 @@ struct KernelSet {
   // V[s] += W[s] for slots [s0, s1).
   void (*add)(float* V, const float* W, int32_t s0, int32_t s1, int kp) = nullptr;
   void (*blur)(const float* Vin, float* Vout, const int32_t* nb, int32_t m0, int32_t m1, int kp) = nullptr;
-  void (*slice)(const int32_t* offset, const float* bary, int dp1, const float* V, float alpha, int64_t n,
+  // Returns false when an output is NaN or infinite (it overflowed).
+  bool (*slice)(const int32_t* offset, const float* bary, int dp1, const float* V, float alpha, int64_t n,
                 int k, int kp, bool planar, const float* mask, float scale, float* out, int64_t p0, int64_t p1,
                 float* scratch /* 8 * kp floats */) = nullptr;
 };

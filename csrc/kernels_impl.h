@@ -6,7 +6,7 @@
 //
 // Floating point: FMA contraction is never enabled, and every output element sees exactly the same
 // sequence of float operations as the original's scalar formulation:
-//   embed  spec 7.3 step by step (vectorised across points, not across an element's operations)
+//   embed  the original's steps in its order (vectorised across points, not across an element's operations)
 //   splat  V[m]  = ((0 + w_1 x_1) + w_2 x_2) + ...     (contributions in point order)
 //   blur   V'[m] = V[m] + 0.5 * (V[n1] + V[n2])
 //   slice  y[p]  = ((0 + (w_0 a) V_0) + (w_1 a) V_1) + ...   (vertices in order r = 0..d)
@@ -35,7 +35,9 @@ static_assert(rloss::kEmbedLanes == 8, "the embedding kernel works on 8 lanes");
 constexpr float kCoordLimit = 4194304.f;
 constexpr float kRoundMagic = 12582912.f;  // 1.5 * 2^23
 
-// Spec 7.3 "Embedding" for 8 points (see rloss::detail::EmbedFn). D > 0: compile-time dimension.
+// The original's embedding of 8 points (see rloss::detail::EmbedFn): elevate onto the hyperplane
+// sum = 0, round to the nearest remainder-0 point, rank the remainders, fix the sum, barycentric
+// weights. D > 0: compile-time dimension.
 template <int D>
 static int32_t embed_block(int d_rt, const float* scale, const float* f, int nb, int32_t* rem0, int32_t* rank,
                            float* bary, int key_bits, uint64_t* keys) {
@@ -303,16 +305,19 @@ static inline void gather_point(const int32_t* o, const float* w, int dp1, const
 
 // Slice points [p0, p1): y[p] = sum_r (b_r * alpha) * V[offset_r]; written pixel-major (N x k) or
 // planar (k x N), optionally times mask[p], then times scale (skipped when 1). acc is scratch of
-// 8 * kp floats.
+// 8 * kp floats. Returns false when an output overflowed (probe: the sum of y * 0, NaN exactly then).
 template <int KP>
-static void slice_range(const int32_t* __restrict offset, const float* __restrict bary, int dp1,
+static bool slice_range(const int32_t* __restrict offset, const float* __restrict bary, int dp1,
                         const float* __restrict V, float alpha, int64_t n, int k, int kp_rt, bool planar,
                         const float* mask, float scale, float* __restrict out, int64_t p0, int64_t p1,
                         float* acc) {
   const int kp = KP > 0 ? KP : kp_rt;
   int64_t p = p0;
+  float probe = 0.f;
 #ifdef RLOSS_KERNELS_AVX2
   if (planar && kp % 8 == 0) {
+    const __m256 zero = _mm256_setzero_ps();
+    __m256 pr = zero;
     for (; p + 8 <= p1; p += 8) {
       for (int i = 0; i < 8; ++i)
         gather_point<KP>(offset + (p + i) * dp1, bary + (p + i) * dp1, dp1, V, alpha, acc + i * kp, kp);
@@ -326,10 +331,14 @@ static void slice_range(const int32_t* __restrict offset, const float* __restric
         for (int i = 0; i < ce; ++i) {
           __m256 y = mask ? _mm256_mul_ps(r[i], mk) : r[i];
           if (scale != 1.f) y = _mm256_mul_ps(y, sc);
+          pr = _mm256_add_ps(pr, _mm256_mul_ps(y, zero));
           _mm256_storeu_ps(out + static_cast<int64_t>(c + i) * n + p, y);
         }
       }
     }
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, pr);
+    probe += ((tmp[0] + tmp[1]) + (tmp[2] + tmp[3])) + ((tmp[4] + tmp[5]) + (tmp[6] + tmp[7]));
   }
 #endif
   for (; p < p1; ++p) {
@@ -338,9 +347,11 @@ static void slice_range(const int32_t* __restrict offset, const float* __restric
     for (int c = 0; c < k; ++c) {
       float y = mask ? acc[c] * m : acc[c];
       if (scale != 1.f) y *= scale;
+      probe += y * 0.f;
       out[planar ? static_cast<int64_t>(c) * n + p : p * k + c] = y;
     }
   }
+  return probe == 0.f;
 }
 
 template <int KP>

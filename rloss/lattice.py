@@ -169,6 +169,35 @@ class Permutohedral:
         self._threads = _threads(num_threads)
         self._lattice = _call(extension().Lattice, f, num_threads=self._threads, sse_pad=sse_pad)
 
+    @classmethod
+    def from_image(cls, image: Array, sigma_xy: float, sigma_rgb: float, num_threads: int | None = None,
+                   sse_pad: bool = True) -> Permutohedral:
+        """Lattice over the H*W pixels of image (C, H, W), in row-major pixel order, with the DenseCRF
+        features (x/sigma_xy, y/sigma_xy, c_0/sigma_rgb, ..., c_{C-1}/sigma_rgb), x the column and y
+        the row: made in C++, where the loss makes them. C may be 0 (spatial features only)."""
+        shape = _shape(image, "image")
+        if len(shape) != 3 or min(shape[1:]) < 1:
+            raise LatticeError(f"image must have shape (C, H, W) with H, W >= 1, got {shape}")
+        c, h, w = shape
+        if c + 2 > 32:
+            raise LatticeError(f"image has {c} channels; at most 30 are supported")
+        sxy = _check_sigma(sigma_xy, "sigma_xy")
+        sr = _check_sigma(sigma_rgb, "sigma_rgb")
+        _check_memory(h * w, c + 2, 1, 1)
+        img = _as_numpy(image, "image")
+        _check_finite(img, "image")
+        lattice = cls.__new__(cls)
+        lattice._threads = _threads(num_threads)
+        lattice._lattice = _call(extension().Lattice.from_image, img, sxy, sr, num_threads=lattice._threads,
+                                 sse_pad=sse_pad)
+        return lattice
+
+    @classmethod
+    def spatial(cls, height: int, width: int, sigma_xy: float, num_threads: int | None = None,
+                sse_pad: bool = True) -> Permutohedral:
+        """Lattice over the pixels of an H x W image with the features (x/sigma_xy, y/sigma_xy) only."""
+        return cls.from_image(np.zeros((0, height, width), np.float32), sigma_xy, 1.0, num_threads, sse_pad)
+
     @property
     def num_points(self) -> int:
         return int(self._lattice.num_points)
@@ -197,14 +226,6 @@ class Permutohedral:
         threads = self._threads if num_threads is None else _threads(num_threads)
         out = _call(self._lattice.filter, v, num_threads=threads)
         return _wrap_like(out[:, 0] if squeeze else out, values)
-
-    def filter_per_channel(self, values: Array) -> Array:
-        """The original's way (one channel at a time, one thread); a baseline for tests and benchmarks."""
-        v = _as_numpy(values, "values")
-        if v.ndim != 2 or v.shape[0] != self.num_points or v.shape[1] < 1:
-            raise LatticeError(f"values must have shape (N, K) with N = {self.num_points}, got {tuple(v.shape)}")
-        out = _call(self._lattice.filter_per_channel, np.ascontiguousarray(v.T))
-        return _wrap_like(np.ascontiguousarray(out.T), values)
 
 
 def _shape(x: Any, name: str) -> tuple[int, ...]:
@@ -369,14 +390,10 @@ def spatial_filter(values: Array, sigma_xy: float, num_threads: int | None = Non
 
 
 def caffe_roi_mask(image: Array) -> Array:
-    """DenseCRFLoss's region of interest (spec 2.15 step 1): 0 where all three channels of the
-    mean-subtracted image truncate to integer 0 (|value| < 1, i.e. crop padding), else 1.
-    image (B, C, H, W) -> float32 mask (B, H, W), same type as the input."""
-    if isinstance(image, torch.Tensor):
-        if image.ndim != 4:
-            raise LatticeError(f"image must have shape (B, C, H, W), got {tuple(image.shape)}")
-        return (torch.trunc(image.detach()) != 0).any(dim=1).to(torch.float32)
-    img = _as_numpy(image, "image")
-    if img.ndim != 4:
-        raise LatticeError(f"image must have shape (B, C, H, W), got {tuple(img.shape)}")
-    return (np.trunc(img) != 0).any(axis=1).astype(np.float32)
+    """DenseCRFLoss's region of interest, as the loss computes it when given no mask (in C++): 0 where
+    all channels of the mean-subtracted image truncate to integer 0 (|value| < 1, i.e. crop padding),
+    else 1. image (B, C, H, W) -> float32 mask (B, H, W), same type as the input."""
+    shape = _shape(image, "image")
+    if len(shape) != 4 or min(shape[0], shape[2], shape[3]) < 1:
+        raise LatticeError(f"image must have shape (B, C, H, W) with B, H, W >= 1, got {shape}")
+    return _wrap_like(_call(extension().roi_mask, _as_numpy(image, "image")), image)

@@ -48,12 +48,13 @@ class DenseCRFLossFunction(torch.autograd.Function):
             per_class = terms.energy(segmentation.detach().to("cpu"))
         except LatticeError as error:
             raise make_error(str(error)) from None
-        _check_finite(per_class, "the loss per image and class", "the segmentation holds NaN or inf", make_error)
         count = segmentation.shape[0]
+        loss = (-per_class.sum() / count).to(segmentation.dtype)
+        _check_loss(loss, segmentation, make_error)
         ctx.terms, ctx.make_error = terms, make_error
         ctx.scale = -2.0 / count
         ctx.target = (segmentation.device, segmentation.dtype)
-        return (-per_class.sum() / count).to(*ctx.target)
+        return loss.to(segmentation.device)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
@@ -67,17 +68,19 @@ class DenseCRFLossFunction(torch.autograd.Function):
         return grad.to(*ctx.target), None, None
 
 
-def _check_finite(values: torch.Tensor, what: str, cause: str, make_error: ErrorFactory) -> None:
-    """The fork aborts on a NaN loss or gradient; we raise instead, saying where it appeared.
-    A finite sum proves every value finite in one pass; only otherwise are the values inspected."""
-    if bool(torch.isfinite(values.sum())):
+def _check_loss(loss: torch.Tensor, segmentation: torch.Tensor, make_error: ErrorFactory) -> None:
+    """The fork aborts on a NaN loss or gradient; we raise instead, saying why. The rule: the
+    segmentation must be finite (the lattice refuses NaN and Inf while splatting it), and the loss, in
+    the segmentation's dtype, and its gradient must come out finite (the lattice refuses a gradient
+    that overflows float32 while slicing it): finite but huge values overflow."""
+    value = float(loss)
+    if math.isfinite(value):
         return
-    bad = ~torch.isfinite(values)
-    if bool(bad.any()):
-        where = tuple(int(i) for i in bad.nonzero()[0])
-        raise make_error(
-            f"{what} is not finite (first at index {where} of shape {tuple(values.shape)}): {cause}"
-        )
+    largest = float(segmentation.detach().abs().max())
+    raise make_error(
+        f"the loss is not finite ({value} in {segmentation.dtype}): the segmentation's values are too large "
+        f"(largest |value| {largest:.3g}; the loss expects probabilities in [0, 1])"
+    )
 
 
 def densecrf_loss(image: torch.Tensor, segmentation: torch.Tensor, mask: torch.Tensor | None, sigma_rgb: float,
@@ -122,16 +125,24 @@ class DenseCRFLoss(nn.Module):
         _check_module_shapes(images, segmentations, rois)
         images, segmentations, rois = images.float(), segmentations.float(), rois.float()
         if self.scale_factor != 1.0:
+            self._check_scaled_size(*images.shape[2:])
             images = F.interpolate(images, scale_factor=self.scale_factor)
             segmentations = F.interpolate(
                 segmentations, scale_factor=self.scale_factor, mode="bilinear", align_corners=False
             )
             rois = F.interpolate(rois.unsqueeze(1), scale_factor=self.scale_factor).squeeze(1)
-        if min(segmentations.shape[2:]) < 1:
-            raise _module_error(f"scale_factor {self.scale_factor} leaves an empty image {tuple(segmentations.shape)}")
         loss = densecrf_loss(images, segmentations, rois, self.sigma_rgb, self.sigma_xy * self.scale_factor,
                              _module_error)
         return (self.weight * loss).reshape(1)
+
+    def _check_scaled_size(self, height: int, width: int) -> None:
+        """F.interpolate's output size is floor(size * scale_factor); refuse before it fails on 0."""
+        scaled = (math.floor(height * self.scale_factor), math.floor(width * self.scale_factor))
+        if min(scaled) < 1:
+            raise _module_error(
+                f"scale_factor {self.scale_factor} shrinks the {height}x{width} images to {scaled[0]}x{scaled[1]} "
+                f"pixels (the loss needs at least 1x1): use a scale_factor of at least 1/{min(height, width)}"
+            )
 
     def extra_repr(self) -> str:
         return (f"weight={self.weight}, sigma_rgb={self.sigma_rgb}, sigma_xy={self.sigma_xy}, "

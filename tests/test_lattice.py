@@ -2,7 +2,8 @@
 
 (a) the real Caffe DenseCRFLoss golden outputs (loss and gradient), (b) brute force against the exact
 dense Gaussian, (c) K-at-once vs per-channel, batched vs per image, 1 vs 2 threads, packed vs generic
-keys, (d) linearity, (e) input validation; plus a bit-exact numpy transcription of spec 7.3.
+keys, (d) linearity, (e) input validation; plus a bit-exact numpy transcription of the original's
+lattice, the reference for "the original's way" (its sums in its order).
 
 Golden data live outside the repo (read-only): <repo>/../shared, or $RLOSS_SHARED.
 """
@@ -11,9 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,26 +19,20 @@ import torch
 
 from rloss import lattice as lat
 from rloss.errors import LatticeError
+from tests.shared_data import GoldenCase, golden, shared_path
 
-SHARED = Path(os.environ.get("RLOSS_SHARED", str(Path(__file__).resolve().parents[2] / "shared")))
-GOLDEN = SHARED / "golden" / "01_layers"
-TRAIN_IMAGE = SHARED / "reference" / "rloss-exper" / "exper" / "visualization" / "trainimage1.png"
+TRAIN_IMAGE = ("reference", "rloss-exper", "exper", "visualization", "trainimage1.png")
 MEAN_BGR = np.array([104.008, 116.669, 122.675], dtype=np.float32)
 
 ext = pytest.importorskip("rloss._lattice", reason="C++ extension not built (python setup.py build_ext --inplace)")
-
-
-def _need(path: Path) -> None:
-    if not path.exists():
-        pytest.skip(f"shared golden/reference data not found at {path} (set RLOSS_SHARED to the shared folder)")
 
 
 def _train_image_bgr(h: int, w: int, top: int = 0, left: int = 0) -> np.ndarray:
     """Crop of trainimage1.png as a (3, h, w) mean-subtracted BGR float32 image."""
     from PIL import Image
 
-    _need(TRAIN_IMAGE)
-    rgb = np.asarray(Image.open(TRAIN_IMAGE).convert("RGB"), dtype=np.float32)[top : top + h, left : left + w]
+    rgb = np.asarray(Image.open(shared_path(*TRAIN_IMAGE)).convert("RGB"), dtype=np.float32)
+    rgb = rgb[top : top + h, left : left + w]
     assert rgb.shape[:2] == (h, w)
     return np.ascontiguousarray((rgb[:, :, ::-1] - MEAN_BGR).transpose(2, 0, 1))
 
@@ -171,13 +163,10 @@ def test_lattice_order_and_weights_match_spec() -> None:
 # (a) Golden outputs of the real Caffe DenseCRFLoss layer
 
 
-def _golden_params(folder: Path) -> tuple[float, float, float]:
-    text = (folder / "net.prototxt").read_text()
-    layer = text[text.index('type: "DenseCRFLoss"') - 200 :]
-    weight = float(re.search(r"loss_weight:\s*([0-9.eE+-]+)", layer).group(1))
-    sxy = float(re.search(r"bi_xy_std:\s*([0-9.eE+-]+)", layer).group(1))
-    srgb = float(re.search(r"bi_rgb_std:\s*([0-9.eE+-]+)", layer).group(1))
-    return weight, sxy, srgb
+def _golden_params(case: GoldenCase) -> tuple[float, float, float]:
+    layer = next(layer for layer in case.net_param().layer if layer.type == "DenseCRFLoss")
+    param = layer.densecrf_loss_param
+    return layer.loss_weight[0], param.bi_xy_std, param.bi_rgb_std
 
 
 def _densecrf_loss_and_grad(image, seg, sxy, srgb, loss_weight, sse_pad=True):
@@ -194,15 +183,14 @@ def _densecrf_loss_and_grad(image, seg, sxy, srgb, loss_weight, sse_pad=True):
 
 @pytest.mark.parametrize("case", ["densecrf_loss_81_w1", "densecrf_loss_41_w1e-8"])
 def test_golden_densecrf_loss(case: str) -> None:
-    folder = GOLDEN / case
-    _need(folder)
-    loss_weight, sxy, srgb = _golden_params(folder)
-    summary = json.loads((folder / "summary.json").read_text())
-    image = np.load(folder / "in_data.npy")
-    seg = np.load(folder / "in_prob_in.npy")
+    files = golden("01_layers", case)
+    loss_weight, sxy, srgb = _golden_params(files)
+    summary = json.loads((files.folder / "summary.json").read_text())
+    image = files.array("in_data")
+    seg = files.array("in_prob_in")
     assert list(seg.shape) == summary["outputs"]["seg"]
-    want_loss = float(np.load(folder / "out_densecrf_loss.npy").ravel()[0])  # unweighted
-    want_grad = np.load(folder / "diff_seg.npy")  # includes loss_weight
+    want_loss = float(files.array("out_densecrf_loss").ravel()[0])  # unweighted
+    want_grad = files.array("diff_seg")  # includes loss_weight
 
     loss, grad = _densecrf_loss_and_grad(image, seg, sxy, srgb, loss_weight)
     loss_rel = abs(loss - want_loss) / abs(want_loss)
@@ -222,10 +210,26 @@ def test_golden_densecrf_loss(case: str) -> None:
     assert np.abs(grad_nopad - want_grad).max() > 10 * np.abs(grad - want_grad).max()
 
 
+def test_roi_mask_is_the_fork_truncation_rule() -> None:
+    """0 where every channel truncates to integer 0, as the fork's (int) casts do; NaN counts as inside."""
+    image = np.random.RandomState(9).uniform(-3, 3, size=(2, 3, 7, 9)).astype(np.float32)
+    image[0, :, 0, :] = np.array([0.999, -0.999, 0.0], np.float32)[:, None]
+    image[0, :, 1, :3] = np.diag(np.array([1.0, -1.0, np.inf], np.float32))  # one channel at +-1 or inf
+    image[1, :, 2, 4] = [np.nan, 0.0, 0.0]
+    want = (np.trunc(np.nan_to_num(image, nan=1.0)) != 0).any(axis=1).astype(np.float32)
+    mask = lat.caffe_roi_mask(image)
+    assert mask.dtype == np.float32 and mask.shape == (2, 7, 9)
+    np.testing.assert_array_equal(mask, want)
+    assert (mask[0, 0] == 0).all() and mask[0, 1, :3].tolist() == [1.0, 1.0, 1.0] and mask[1, 2, 4] == 1.0
+    tensor_mask = lat.caffe_roi_mask(torch.from_numpy(image))
+    assert isinstance(tensor_mask, torch.Tensor)
+    np.testing.assert_array_equal(tensor_mask.numpy(), want)
+    with pytest.raises(LatticeError, match=r"\(B, C, H, W\)"):
+        lat.caffe_roi_mask(image[0])
+
+
 def test_golden_roi_mask_marks_padding() -> None:
-    folder = GOLDEN / "densecrf_loss_81_w1"
-    _need(folder)
-    image = np.load(folder / "in_data.npy")
+    image = golden("01_layers", "densecrf_loss_81_w1").array("in_data")
     mask = lat.caffe_roi_mask(image)
     h, w = image.shape[2:]
     assert (mask[0, (3 * h + 3) // 4 :, :] == 0).all()  # img1: rows >= 3/4 H zeroed
@@ -298,17 +302,17 @@ def crop128() -> np.ndarray:
 
 def test_k_channels_at_once_equal_single_channel_filterings(crop128: np.ndarray) -> None:
     f = _features(crop128, 30.0, 12.0)
-    rng = np.random.RandomState(1)
+    values = np.random.RandomState(1).rand(f.shape[0], 70).astype(np.float32)
+    original_way = _reference_filter(f, values)  # channels never mix: column c is channel c filtered alone
     for k in (1, 3, 5, 8, 21, 70):
-        v = rng.rand(f.shape[0], k).astype(np.float32)
+        v = values[:, :k]
         p = lat.Permutohedral(f, num_threads=2)
         together = p.filter(v)
         singles = np.stack([p.filter(v[:, c]) for c in range(k)], 1)
-        original_way = p.filter_per_channel(v)
         assert np.abs(together - singles).max() <= 1e-5 * np.abs(singles).max()
         # same float operations in the same order: in fact bit-identical
         np.testing.assert_array_equal(together, singles)
-        np.testing.assert_array_equal(together, original_way)
+        np.testing.assert_array_equal(together, original_way[:, :k])
 
 
 def test_batched_equals_per_image_and_threads_agree(crop128: np.ndarray) -> None:
@@ -329,17 +333,37 @@ def test_batched_equals_per_image_and_threads_agree(crop128: np.ndarray) -> None
         v = (values[i] * mask[i]).reshape(21, -1).T
         via_features = lat.Permutohedral(f, num_threads=1).filter(v).T.reshape(values[i].shape)
         np.testing.assert_array_equal(batched[2][i], via_features)
-    baseline = ext.filter_image_batch_per_channel(images, values, 40.0, 15.0, mask=mask, num_threads=2)
-    np.testing.assert_array_equal(baseline, batched[1])
     masked_out = lat.bilateral_filter(images, values, 15.0, 40.0, mask=mask, mask_output=True)
     np.testing.assert_array_equal(masked_out, batched[1] * mask[:, None])
-    # the Caffe ROI derived from the image inside C++ equals passing caffe_roi_mask explicitly
+    # the ROI derived from the image while building equals passing caffe_roi_mask explicitly
     images[1, :, :40, :50] = 0.4  # |v| < 1 in all channels: outside the ROI
     roi = lat.caffe_roi_mask(images)
     assert roi.min() == 0.0
     explicit = lat.bilateral_filter(images, values, 15.0, 40.0, mask=roi, mask_output=True, num_threads=2)
     implicit = lat.bilateral_filter(images, values, 15.0, 40.0, roi_from_image=True, mask_output=True, num_threads=2)
     np.testing.assert_array_equal(explicit, implicit)
+
+
+def test_image_lattices_build_the_features_of_the_loss(crop128: np.ndarray) -> None:
+    """Permutohedral.from_image / .spatial make the features in C++ (where the loss makes them): the
+    same lattice, bit for bit, as features (x/sigma_xy, y/sigma_xy, c/sigma_rgb) made here."""
+    v = np.random.RandomState(14).rand(crop128.shape[1] * crop128.shape[2], 4).astype(np.float32)
+    from_features = lat.Permutohedral(_features(crop128, 40.0, 15.0))
+    from_image = lat.Permutohedral.from_image(torch.from_numpy(crop128), 40.0, 15.0)
+    assert from_image.lattice_size == from_features.lattice_size
+    np.testing.assert_array_equal(from_image._lattice.offsets(), from_features._lattice.offsets())
+    np.testing.assert_array_equal(from_image.filter(v), from_features.filter(v))
+    h, w = crop128.shape[1:]
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    xy = np.stack([x / np.float32(3.0), y / np.float32(3.0)], -1).reshape(-1, 2)
+    np.testing.assert_array_equal(lat.Permutohedral.spatial(h, w, 3.0).filter(v), lat.Permutohedral(xy).filter(v))
+    for bad in (lambda: lat.Permutohedral.from_image(crop128[None], 40.0, 15.0),
+                lambda: lat.Permutohedral.from_image(crop128[:, :0], 40.0, 15.0),
+                lambda: lat.Permutohedral.from_image(crop128, 40.0, 0.0),
+                lambda: lat.Permutohedral.from_image(np.full_like(crop128, np.nan), 40.0, 15.0),
+                lambda: lat.Permutohedral.spatial(0, 5, 3.0)):
+        with pytest.raises(LatticeError):
+            bad()
 
 
 def test_torch_in_torch_out(crop128: np.ndarray) -> None:
@@ -398,7 +422,7 @@ def test_large_images_splat_in_fixed_chunks_independent_of_threads(size: tuple[i
         [lat.bilateral_filter(image[None], values[:, c : c + 1], 15.0, 40.0, num_threads=2) for c in range(5)], 1
     )
     np.testing.assert_array_equal(by_threads[2], singles)
-    sequential = ext.filter_image_batch_per_channel(image[None], values, 40.0, 15.0)
+    sequential = _reference_filter(_features(image, 40.0, 15.0), values[0].reshape(5, -1).T).T.reshape(values.shape)
     assert not np.array_equal(sequential, by_threads[1])  # the chunked sums do round differently...
     assert np.abs(sequential - by_threads[1]).max() <= 1e-6 * np.abs(sequential).max()  # ...by float rounding
 
@@ -406,10 +430,8 @@ def test_large_images_splat_in_fixed_chunks_independent_of_threads(size: tuple[i
 def test_images_below_2_15_pixels_keep_the_original_sequential_sums() -> None:
     image = _train_image_bgr(180, 180)  # 32400 pixels: one chunk
     values = np.random.RandomState(11).rand(1, 5, 180, 180).astype(np.float32)
-    np.testing.assert_array_equal(
-        ext.filter_image_batch_per_channel(image[None], values, 40.0, 15.0),
-        lat.bilateral_filter(image[None], values, 15.0, 40.0, num_threads=2),
-    )
+    sequential = _reference_filter(_features(image, 40.0, 15.0), values[0].reshape(5, -1).T).T.reshape(values.shape)
+    np.testing.assert_array_equal(sequential, lat.bilateral_filter(image[None], values, 15.0, 40.0, num_threads=2))
 
 
 def test_many_channels_go_through_cache_sized_groups_with_the_same_results() -> None:
@@ -530,6 +552,7 @@ def test_bad_inputs_raise_lattice_error() -> None:
         "features dim": lambda: lat.Permutohedral(np.zeros((4, 40), np.float32)),
         "filter shape": lambda: lat.Permutohedral(np.zeros((4, 2), np.float32)).filter(np.zeros((5, 1), np.float32)),
         "filter nan": lambda: lat.Permutohedral(np.zeros((4, 2), np.float32)).filter(np.full((4, 2), np.nan)),
+        "filter overflow": lambda: lat.Permutohedral(np.zeros((4, 2), np.float32)).filter(np.full((4, 2), 3e38)),
         "spatial sigma": lambda: lat.spatial_filter(val, 0.0),
         "spatial ndim": lambda: lat.spatial_filter(val[0], 3.0),
         "threads": lambda: lat.bilateral_filter(img, val, 10, 10, num_threads=0),

@@ -197,12 +197,9 @@ class DenseCRF(Layer):
     def _potential(self, kernel: _Kernel, height: int, width: int,
                    image: torch.Tensor | None) -> tuple[torch.Tensor, Permutohedral]:
         """(w * nu as a (pixels, 1) column, lattice) of one Potts kernel on an H x W image."""
-        ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
-                                indexing="ij")
-        sigma_xy = torch.tensor(kernel.sigma_xy, dtype=torch.float32)
-        features = [xs / sigma_xy, ys / sigma_xy]
         if kernel.sigma_rgb is not None and image is not None:
-            features += list(image / torch.tensor(kernel.sigma_rgb, dtype=torch.float32))
-        lattice = Permutohedral(torch.stack(features, dim=-1).reshape(height * width, -1))
+            lattice = Permutohedral.from_image(image, kernel.sigma_xy, kernel.sigma_rgb)
+        else:
+            lattice = Permutohedral.spatial(height, width, kernel.sigma_xy)
         norm = 1.0 / (lattice.filter(torch.ones(height * width, 1)) + 1e-20)
         return kernel.weight * norm, lattice
