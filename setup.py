@@ -10,7 +10,7 @@ import sys
 import tempfile
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,10 +31,20 @@ def _compiler_accepts(compiler, flag: str) -> bool:
 
 
 class BuildExtWithOpenMP(build_ext):
-    """Adds OpenMP flags when the compiler supports them; otherwise builds single-threaded and says so."""
+    """Adds OpenMP flags when the compiler supports them; otherwise builds single-threaded and says so.
+
+    MSVC is refused up front: the lattice kernels use GCC/Clang vector extensions, builtins and
+    target pragmas that it cannot compile."""
 
     def build_extensions(self):
-        flag = "/openmp" if self.compiler.compiler_type == "msvc" else "-fopenmp"
+        if self.compiler.compiler_type == "msvc":
+            from setuptools.errors import PlatformError
+
+            raise PlatformError(
+                "rloss: the C++ permutohedral lattice needs GCC or Clang (it uses their vector extensions "
+                "and builtins); MSVC cannot compile it. On Windows build with MinGW-w64 GCC or under WSL."
+            )
+        flag = "-fopenmp"
         if _compiler_accepts(self.compiler, flag):
             for ext in self.extensions:
                 ext.extra_compile_args.append(flag)
@@ -70,12 +80,12 @@ ext_modules = [
         depends=_csrc(".h"),
         include_dirs=["csrc"],
         cxx_std=17,
-        extra_compile_args=["-O3"] if sys.platform != "win32" else ["/O2"],
+        extra_compile_args=["-O3"],
     )
 ]
 
 setup(
-    packages=["rloss", "rloss.proto", "rloss.layers", "rloss.data"],
+    packages=find_packages(include=["rloss", "rloss.*"]),
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtWithOpenMP, "build_py": BuildPyWithSchema},
     zip_safe=False,

@@ -27,6 +27,7 @@ from google.protobuf import text_format
 
 from rloss.errors import ProtoError
 from rloss.proto import caffe_pb2
+from rloss.proto.compat import is_repeated
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def assign_fields(message, fields: Mapping[str, Any], placeholders: Placeholders
         field = message.DESCRIPTOR.fields_by_name.get(key)
         if field is None:
             raise ProtoError(f"{message.DESCRIPTOR.name} has no field '{key}'")
-        if field.is_repeated:
+        if is_repeated(field):
             items = value if isinstance(value, (list, tuple)) else [value]
             for index, item in enumerate(items):
                 _assign_one(message, field, item, placeholders, f"{path}{key}[{index}]")
@@ -68,12 +69,12 @@ def _assign_one(message, field, value: Any, placeholders: Placeholders, path: st
     if field.message_type is not None:
         if not isinstance(value, Mapping):
             raise ProtoError(f"{message.DESCRIPTOR.name}.{field.name} is a message: give a dict, not {value!r}")
-        child = getattr(message, field.name).add() if field.is_repeated else getattr(message, field.name)
+        child = getattr(message, field.name).add() if is_repeated(field) else getattr(message, field.name)
         child.SetInParent()
         assign_fields(child, value, placeholders, path + ".")
         return
     value = _scalar_value(message, field, value, placeholders, path)
-    if field.is_repeated:
+    if is_repeated(field):
         getattr(message, field.name).append(value)
     else:
         setattr(message, field.name, value)
@@ -105,9 +106,9 @@ def message_lines(message, placeholders: Mapping[str, str] | None = None, indent
     pad = "  " * indent
     lines = []
     for field, value in message.ListFields():
-        items = list(value) if field.is_repeated else [value]
+        items = list(value) if is_repeated(field) else [value]
         for index, item in enumerate(items):
-            key = f"{path}{field.name}[{index}]" if field.is_repeated else f"{path}{field.name}"
+            key = f"{path}{field.name}[{index}]" if is_repeated(field) else f"{path}{field.name}"
             if field.message_type is not None:
                 lines.append(f"{pad}{field.name} {{")
                 lines += message_lines(item, placeholders, indent + 1, key + ".")
@@ -245,8 +246,8 @@ class NetBuilder:
 
     def net_parameter(self, values: Mapping[str, object] | None = None, phase: int | None = None,
                       defaults: Mapping[str, object] | None = None):
-        """The NetParameter that reading `text()` gives, with `${VAR}`s from `values` (then the
-        environment, then `defaults`); with `phase`, filtered for it as `read_net` does."""
+        """The NetParameter that reading `text()` gives, with `${VAR}`s from `values` (then
+        `defaults`; the environment is not read); with `phase`, filtered for it as `read_net` does."""
         from rloss.proto.netstate import filter_net, merge_state
         from rloss.proto.text import expand_variables, parse_net
 

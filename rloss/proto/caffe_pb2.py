@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from google.protobuf import descriptor_pool, message_factory
+from google.protobuf import descriptor_pool
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
+from rloss.proto.compat import message_class
 from rloss.proto.schema import parse_proto
 
 
@@ -28,14 +29,8 @@ POOL = descriptor_pool.DescriptorPool()
 DESCRIPTOR = POOL.Add(FILE_DESCRIPTOR_PROTO) or POOL.FindFileByName(FILE_DESCRIPTOR_PROTO.name)
 
 
-def _message_class(descriptor):
-    if hasattr(message_factory, "GetMessageClass"):
-        return message_factory.GetMessageClass(descriptor)
-    return message_factory.MessageFactory(POOL).GetPrototype(descriptor)  # protobuf < 4.21
-
-
 for _name, _descriptor in DESCRIPTOR.message_types_by_name.items():
-    globals()[_name] = _message_class(_descriptor)
+    globals()[_name] = message_class(_descriptor, POOL)
 for _name, _descriptor in DESCRIPTOR.enum_types_by_name.items():
     globals()[_name] = EnumTypeWrapper(_descriptor)
     for _value in _descriptor.values:

@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple
 
 from rloss.errors import NetError, ProtoError
 from rloss.proto import caffe_pb2
+from rloss.proto.compat import is_repeated
 
 V1_TYPE_NAMES = {
     "NONE": "", "ABSVAL": "AbsVal", "ACCURACY": "Accuracy", "ARGMAX": "ArgMax", "BNLL": "BNLL",
@@ -54,13 +55,6 @@ _DATA_PARAMS = {
 _TRANSFORM_FIELDS = ("scale", "mean_file", "crop_size", "mirror")
 _V1_FIELDS = frozenset(caffe_pb2.V1LayerParameter.DESCRIPTOR.fields_by_name)
 _V2_FIELDS = frozenset(caffe_pb2.LayerParameter.DESCRIPTOR.fields_by_name)
-
-
-def is_repeated(field) -> bool:
-    """Whether a FieldDescriptor is repeated (protobuf 7 dropped `label`, older ones lack `is_repeated`)."""
-    if hasattr(field, "is_repeated"):
-        return bool(field.is_repeated)
-    return field.label == field.LABEL_REPEATED
 
 
 def copy_fields(source, target, keep: Callable[[str], bool] = lambda name: True) -> None:
