@@ -28,7 +28,8 @@ batch, viridis, 0..1) and `<out_dir>/<i>scorediff.png` (the gradient of the loss
 the upsampled scores of class i, colormap hot), 640x480 with a colour bar, for every class; plus
 `<out_dir>/image.png`, the input reconstructed as RGB (the original only showed it). Because the
 upsampled scores feed nothing but the softmax of the DenseCRF loss, that gradient is the DenseCRF-loss
-gradient -2 w/N A(S)*m pulled back through the softmax (spec 2.15 and 6).
+gradient -2 w/N A(S)*m pulled back through the softmax (A the
+bilateral lattice filter, S the softmax, m the ROI mask of non-black pixels, N the batch size).
 """
 
 from __future__ import annotations

@@ -14,16 +14,16 @@
 
 Blob data and diffs are numpy arrays that share memory with the net's tensors where Caffe's do
 (inputs, parameters), so writing into them changes what the net computes, as in pycaffe.
-`${VAR}` placeholders in prototxt files are taken from the environment. As in pycaffe, the device
+`${VAR}` placeholders in prototxt files take the `values=` keyword (an rloss extension), then the
+run script's variables from the environment, then its defaults (`rloss.variables`). As in pycaffe, the device
 is the one chosen with set_mode_cpu/set_mode_gpu (the solver file's solver_mode is not used).
 """
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Union
+from typing import Mapping, Union
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from rloss.errors import NetError
 from rloss.net import Net as _Net
 from rloss.proto import caffe_pb2
 from rloss.solver import SGDSolver as _SGDSolver
+from rloss.variables import variable_values
 
 TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST
@@ -160,7 +161,8 @@ def _numpy_view(tensor: torch.Tensor) -> np.ndarray:
 class Net:
     """pycaffe's `caffe.Net(model, [weights], phase)`; also accepts `weights=` and `phase=` keywords."""
 
-    def __init__(self, model: Union[str, Path], *args, weights: str | None = None, phase: int | None = None):
+    def __init__(self, model: Union[str, Path], *args, weights: str | None = None, phase: int | None = None,
+                 values: Mapping[str, str] | None = None):
         if len(args) == 1:
             phase = args[0] if phase is None else phase
         elif len(args) == 2:
@@ -169,7 +171,8 @@ class Net:
             raise TypeError("Net(model, [weights], phase)")
         if phase not in (TRAIN, TEST):
             raise NetError(f"Net({model!r}): phase must be caffe.TRAIN or caffe.TEST")
-        net = _Net.from_prototxt(model, phase, values=dict(os.environ))
+        merged, defaults = variable_values(values or {}, Path(model))
+        net = _Net.from_prototxt(model, phase, values=merged, defaults=defaults)
         net.to(current_device())
         self._attach(net)
         if weights:
@@ -325,12 +328,12 @@ class Net:
 
 class SGDSolver:
     """pycaffe's `caffe.SGDSolver(solver_prototxt)`: Caffe's SGD solver (rloss.solver) on the device of
-    set_mode_cpu/set_mode_gpu, `${VAR}`s from the environment. `net` and `test_nets` are `Net`s over
+    set_mode_cpu/set_mode_gpu, `${VAR}`s as for `Net`. `net` and `test_nets` are `Net`s over
     the solver's own nets, so after `step(n)` their blobs hold the last iteration's data and diffs
     (the weights already updated, each parameter diff holding the step taken)."""
 
-    def __init__(self, solver_file: Union[str, Path]):
-        self._solver = _SGDSolver(str(solver_file), device=current_device())
+    def __init__(self, solver_file: Union[str, Path], values: Mapping[str, str] | None = None):
+        self._solver = _SGDSolver(str(solver_file), values=values, device=current_device())
         self.net = Net._wrap(self._solver.net)
         self.test_nets = [Net._wrap(net) for net in self._solver.test_nets]
 

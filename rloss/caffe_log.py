@@ -33,6 +33,13 @@ def caffe_float(value: float) -> str:
     return caffe_number(float(np.float32(value)))
 
 
+def loss_suffix(weight: float, value: float) -> str:
+    """` (* w = w*v loss)` after the value of an output that is part of the objective."""
+    if not weight:
+        return ""
+    return f" (* {caffe_float(weight)} = {caffe_float(np.float32(weight) * np.float32(value))} loss)"
+
+
 class GlogFormatter(logging.Formatter):
     """`I1121 22:53:01.123456 12345 solver.py:123] message` (glog's prefix, month and day only)."""
 

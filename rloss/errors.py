@@ -2,8 +2,31 @@
 which file, line or layer is wrong and how."""
 
 
+MAX_MESSAGE_CHARS = 2000
+
+
+def clip_message(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`message` cut to at most `limit` characters, keeping its head and its tail (where the file,
+    the layer and the cause are named) around a marker saying how much was cut: a 200 KB prototxt
+    line or a huge shape must not flood the terminal or the log."""
+    if len(message) <= limit:
+        return message
+    room = limit - len(_cut_marker(len(message)))  # the marker is never longer than this one
+    head, tail = room - room // 2, room // 2
+    return message[:head] + _cut_marker(len(message) - head - tail) + message[len(message) - tail:]
+
+
+def _cut_marker(count: int) -> str:
+    return f" [... {count} characters cut ...] "
+
+
 class RlossError(Exception):
-    """Base of all rloss errors."""
+    """Base of all rloss errors; a message longer than MAX_MESSAGE_CHARS is clipped (`clip_message`)."""
+
+    def __init__(self, *args: object):
+        if args and isinstance(args[0], str):
+            args = (clip_message(args[0]), *args[1:])
+        super().__init__(*args)
 
 
 class ProtoError(RlossError):

@@ -5,6 +5,7 @@ written atomically (a crash never leaves a half-written snapshot)."""
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from contextlib import suppress
 from pathlib import Path
@@ -15,9 +16,11 @@ from google.protobuf.message import DecodeError, EncodeError
 
 from rloss.errors import ProtoError, WeightsError
 from rloss.proto import caffe_pb2
-from rloss.proto.blob import array_to_blob, blob_shape
+from rloss.proto.blob import array_to_blob, blob_shape, shape_problem
+from rloss.proto.compat import has_unknown_fields, is_repeated
 from rloss.proto.upgrade import upgrade_v1_net
 
+TEMPORARY_SUFFIX = ".tmp"
 PathLike = Union[str, "os.PathLike[str]"]
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -49,7 +52,7 @@ def read_solver_state(path: PathLike):
         return _read_h5_state(path)
     data = _read_bytes(path)
     state = _parse(data, caffe_pb2.SolverState(), path, "a solver state (.solverstate)")
-    if _has_unknown_fields(state) or not state.ListFields():
+    if has_unknown_fields(state) or not state.ListFields():
         raise WeightsError(f"{path}: not a Caffe solver state: it holds fields a SolverState does not have"
                            f"{_looks_like(data)}")
     _check_blobs(state.history, f"{path}: history")
@@ -73,7 +76,20 @@ def _parse(data: bytes, message, path: PathLike, what: str):
     except (DecodeError, RuntimeError) as error:
         raise WeightsError(f"{path}: not {what}, or truncated/corrupt: the protobuf data cannot be decoded "
                            f"({len(data)} bytes; {error}){_looks_like(data)}") from None
+    _check_text(message, path)
     return message
+
+
+def _check_text(message, path: PathLike) -> None:
+    """Refuse text fields that are not UTF-8: protobuf hands them over as bytes, which no name or path
+    can be (blobs, which hold no text, are skipped: they are most of the file)."""
+    for field, value in message.ListFields():
+        values = value if is_repeated(field) else [value]
+        if field.type == field.TYPE_STRING and any(isinstance(v, bytes) for v in values):
+            raise WeightsError(f"{path}: the text field {field.full_name} is not UTF-8 (corrupt file?)")
+        if field.type == field.TYPE_MESSAGE and field.message_type.name != "BlobProto":
+            for item in values:
+                _check_text(item, path)
 
 
 def _looks_like(data: bytes) -> str:
@@ -97,7 +113,7 @@ def _try_parse(data: bytes, message):
         message.ParseFromString(data)
     except (DecodeError, RuntimeError):
         return None
-    return None if _has_unknown_fields(message) else message
+    return None if has_unknown_fields(message) else message
 
 
 def _is_text(head: bytes) -> bool:
@@ -108,22 +124,15 @@ def _is_text(head: bytes) -> bool:
     return all(c.isprintable() or c in "\n\r\t" for c in text)
 
 
-def _has_unknown_fields(message) -> bool:
-    """Whether the top level of `message` kept fields its schema does not know (wrong file type)."""
-    try:
-        from google.protobuf import unknown_fields
-    except ImportError:  # protobuf < 4.21 keeps them on the message itself
-        return len(message.UnknownFields()) > 0
-    return len(unknown_fields.UnknownFieldSet(message)) > 0
-
-
 def _check_blobs(blobs, where: str) -> None:
-    """Every blob's value count must match its shape (Caffe aborts on a mismatch when loading)."""
+    """Every blob's shape must be one a blob can have (`shape_problem`) and its value count must match
+    it (Caffe aborts on a mismatch when loading)."""
     for index, blob in enumerate(blobs):
         shape = blob_shape(blob)
-        if any(d < 0 for d in shape):
-            raise WeightsError(f"{where} blob {index}: negative dimension in shape {shape}")
-        count = int(np.prod(shape, dtype=np.int64))
+        problem = shape_problem(shape)
+        if problem:
+            raise WeightsError(f"{where} blob {index}: {problem}")
+        count = int(np.prod(shape, dtype=np.int64))  # exact: shape_problem bounds it
         for name in ("data", "diff"):
             values = max(len(getattr(blob, name)), len(getattr(blob, "double_" + name)))
             if values != count and (name == "data" or values):
@@ -188,6 +197,9 @@ def _read_h5_state(path: PathLike):
             if array is None:
                 raise WeightsError(f"{path}: history has gaps in its numbering")
             state.history.add().CopyFrom(array_to_blob(array))
+        if "rloss_resume" in handle:  # rloss's extension: a serialized ResumeState
+            data = np.asarray(handle["rloss_resume"][()], dtype=np.uint8).tobytes()
+            state.resume.CopyFrom(_parse(data, caffe_pb2.ResumeState(), path, "an rloss resume state"))
         return state
 
     return _open_h5(path, read)
@@ -218,40 +230,55 @@ def _h5_blobs(group, where: str) -> list:
 # ---- writing ----------------------------------------------------------------------------------------
 
 def write_message_atomic(message, path: PathLike) -> None:
-    """Serialize `message` to `path` through a temporary file in the same directory, fsync'ed and then
-    renamed over the target: readers see the old file or the complete new one, never a partial one."""
+    """Serialize `message` to `path` atomically (see `write_file_atomic`)."""
     path = Path(path)
     try:
         data = message.SerializeToString()
     except EncodeError as error:
         raise WeightsError(f"cannot write {path}: the message is incomplete ({error})") from None
     try:
-        _replace_with(path, data)
+        write_file_atomic(path, lambda temporary: temporary.write_bytes(data))
     except OSError as error:
         raise WeightsError(f"cannot write {path}: {error.strerror or error}") from None
 
 
-def _replace_with(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+def write_file_atomic(path: PathLike, write: Callable[[Path], None]) -> None:
+    """`write(temporary)` creates the file's content at a temporary name in the target's directory; it
+    is then fsync'ed and renamed over `path`, so readers see the old file or the complete new one.
+    Temporary files that an interrupted earlier write of the same target left behind are removed first;
+    their names (`.NAME.<hex>.tmp`) never match what the readers and the run script look for."""
+    path = Path(path)
+    remove_interrupted_writes(path)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TEMPORARY_SUFFIX}")
     try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write(temporary)
+        _fsync(temporary)
         os.replace(temporary, path)
     except BaseException:
         with suppress(OSError):
             os.unlink(temporary)
         raise
-    _fsync_directory(path.parent)
+    with suppress(OSError):  # the rename's durability: directories cannot be opened everywhere
+        _fsync(path.parent)
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable (POSIX; a no-op where directories cannot be opened)."""
-    with suppress(OSError, AttributeError):
-        descriptor = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+def remove_interrupted_writes(path: Path) -> list[Path]:
+    """Delete (and return) the temporary files of earlier writes of `path` that never finished."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{12}}{re.escape(TEMPORARY_SUFFIX)}")
+    removed = []
+    with suppress(OSError):
+        for leftover in path.parent.iterdir():
+            if pattern.fullmatch(leftover.name):
+                with suppress(OSError):
+                    leftover.unlink()
+                    removed.append(leftover)
+    return removed
+
+
+def _fsync(target: Path) -> None:
+    """Make a file's data or a directory's entries durable; a failure (a full disk) raises OSError."""
+    descriptor = os.open(target, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -17,9 +17,10 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from rloss.errors import LayerError, NetError, RlossError
+from rloss.errors import LayerError, NetError, RlossError, WeightsError
 from rloss.layers import Layer, layer_class, layer_types
 from rloss.proto import caffe_pb2
+from rloss.proto.blob import shape_problem
 from rloss.proto.upgrade import net_inputs
 from rloss.wiring import data_layers_to_inputs, insert_splits
 
@@ -67,6 +68,10 @@ class Net(nn.Module):
             self.inputs: dict[str, Shape] = dict(net_inputs(net_param))
         except NetError as error:
             raise NetError(f"{source}: {error}") from None
+        for name, shape in self.inputs.items():
+            problem = shape_problem(shape)
+            if problem:
+                raise NetError(f"{source}: input '{name}': {problem}")
         self.net_param = insert_splits(net_param, list(self.inputs))
         self.layers = nn.ModuleList()
         self.input_layer_tops: dict[str, Layer] = {}
@@ -415,3 +420,47 @@ class Net(nn.Module):
 
     def learnable_tensors(self) -> Iterable[nn.Parameter]:
         return (entry.tensor for entry in self.learnable)
+
+    # ---- data positions (exact resume) --------------------------------------------------------
+    def data_layers(self) -> list[Layer]:
+        """The layers that walk a dataset and can save their position (`has_data_state`)."""
+        return [layer for layer in self.layers if getattr(layer, "has_data_state", False)]
+
+    def data_states(self) -> list:
+        """A DataLayerState per data layer, in net order: where each stands after the batches consumed."""
+        return [layer.data_state() for layer in self.data_layers()]
+
+    def load_data_states(self, states: Sequence, where: str) -> None:
+        """Continue each data layer from the saved state of its name (layers of one name pair in order).
+        A state that fits no data layer of this net is a WeightsError; a data layer without a state
+        starts from its beginning, with a warning."""
+        free: dict[str, list[Layer]] = {}
+        for layer in self.data_layers():
+            free.setdefault(layer.name, []).append(layer)
+        for state in states:
+            layer = self._data_layer_for(state, free, where)
+            try:
+                layer.load_data_state(state)
+            except WeightsError as error:
+                raise WeightsError(f"{where}: {error}") from None
+        for name, layers in free.items():
+            for layer in layers:
+                log.warning("%s holds no data state for layer '%s' (type %s): it starts from the beginning of "
+                            "its data", where, name, layer.type_name)
+
+    def _data_layer_for(self, state, free: dict[str, list[Layer]], where: str) -> Layer:
+        """The next unrestored data layer named like `state`, checked to be of its type."""
+        misfit = f"{where}: the saved data state of layer '{state.name}' (type {state.type}) does not fit net " \
+                 f"'{self.name}' ({self.source})"
+        candidates = free.get(state.name)
+        if candidates:
+            layer = candidates.pop(0)
+            if layer.type_name != state.type:
+                raise WeightsError(f"{misfit}: its layer '{layer.name}' is of type {layer.type_name}")
+            return layer
+        types = [layer.type_name for layer in self.layers if layer.name == state.name]
+        if not types:
+            raise WeightsError(f"{misfit}: the net has no layer of that name")
+        if state.name in free:
+            raise WeightsError(f"{misfit}: the state names more data layers '{state.name}' than the net has")
+        raise WeightsError(f"{misfit}: its layer of that name is of type {types[0]}, which has no data state")

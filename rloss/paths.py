@@ -25,69 +25,23 @@ base under which the longest leading part of the prefix's directory already exis
 the earlier base; a base where the whole directory exists always wins over partial ones). Missing
 directories are then created (the original script ran `mkdir -p` for them).
 
-Variables (`variable_values`): an explicit `--set VAR=VALUE` wins, then the environment, then the
-defaults of the original run script (EXP=pascal_scribble, NUM_LABELS=21, TRAIN_SET=train,
-TEST_SET=val, DENSECRF_LOSS_WEIGHT=1e-8, NET_ID = the name of the solver's directory,
-FEATURE_DIR=${EXP}/features/${NET_ID}). DATA_ROOT has no default: it must be given.
+The values of the `${VAR}`s themselves come from `rloss.variables`.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
-from rloss.errors import VariableError
+from rloss.variables import effective
 
-SCRIPT_DEFAULTS = {
-    "EXP": "pascal_scribble",
-    "NUM_LABELS": "21",
-    "TRAIN_SET": "train",
-    "TEST_SET": "val",
-    "DENSECRF_LOSS_WEIGHT": "1e-8",
-}
 SET_VARIABLES = ("TRAIN_SET", "TEST_SET")
 INPUT_PATH_FIELDS = (
     ("image_data_param", "source"), ("hdf5_data_param", "source"), ("data_param", "source"),
     ("window_data_param", "source"), ("infogain_loss_param", "source"), ("mat_read_param", "source"),
     ("transform_param", "mean_file"), ("image_data_param", "mean_file"), ("data_param", "mean_file"),
 )
-
-
-def parse_assignments(items: Iterable[str]) -> dict[str, str]:
-    """`["A=1", "B=x=y"]` -> `{"A": "1", "B": "x=y"}`; a malformed item raises VariableError."""
-    values: dict[str, str] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise VariableError(f"--set '{item}': expected VAR=VALUE (for example --set DATA_ROOT=/data/voc/)")
-        values[name.strip()] = value
-    return values
-
-
-def default_variables(config_file: Path | None, known: Mapping[str, str]) -> dict[str, str]:
-    """The run script's defaults; NET_ID and FEATURE_DIR follow the config file's directory and EXP."""
-    defaults = dict(SCRIPT_DEFAULTS)
-    if config_file is not None:
-        net_id = known.get("NET_ID") or Path(os.path.abspath(config_file)).parent.name
-        defaults["NET_ID"] = net_id
-        exp = known.get("EXP", defaults["EXP"])
-        defaults["FEATURE_DIR"] = f"{exp}/features/{net_id}"
-    return defaults
-
-
-def variable_values(
-    sets: Mapping[str, str], config_file: Path | None = None, environ: Mapping[str, str] | None = None
-) -> tuple[dict[str, str], dict[str, str]]:
-    """(values, defaults) for `${VAR}` expansion: values = environment overridden by `--set`,
-    defaults = the run script's documented values (used only when a name has no value)."""
-    values = dict(os.environ if environ is None else environ)
-    values.update(sets)
-    return values, default_variables(config_file, values)
-
-
-def effective(name: str, values: Mapping[str, str], defaults: Mapping[str, str]) -> str | None:
-    return values.get(name, defaults.get(name))
 
 
 def anchors_of(config_file: Path | None) -> list[Path]:

@@ -5,17 +5,17 @@ The update is Caffe's, not torch.optim.SGD's: the learning rate is folded into t
 (`h = momentum * h + lr * lr_mult * (g / iter_size + decay * decay_mult * w); w -= h`), and `h` is what
 the `.solverstate` stores, so snapshots resume Caffe runs and Caffe resumes ours.
 
-Resuming is exact for the weights, the momentum history, `iter` and the lr schedule. Like Caffe, a
-snapshot does not record data-layer positions or random-generator states: a resumed run sees the
-same batches as an uninterrupted one only when the data order does not depend on them.
+Resuming is exact: unlike Caffe's, our solver states also record (in rloss's `resume` extension,
+which Caffe skips) each data layer's position as of the batches consumed, not those prefetched, and
+torch's generators, so a resumed run equals an uninterrupted one bit for bit on the CPU, with shuffle,
+mirror, crops and dropout. A state written by Caffe restores the weights, history, `iter` and lr
+schedule, and the data order restarts from the beginning, as in Caffe.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import random
 import signal
 import time
 from pathlib import Path
@@ -25,28 +25,23 @@ import numpy as np
 import torch
 from google.protobuf import text_format
 
-from rloss.caffe_log import caffe_float, format_duration
+from rloss.caffe_log import caffe_float, format_duration, loss_suffix
+from rloss.device import seed_everything, solver_device
 from rloss.errors import SolverError, WeightsError
-from rloss.io import read_solver_state, write_message_atomic
-from rloss.lr_policy import LearningRate, check_policy
+from rloss.io import read_solver_state, write_file_atomic, write_message_atomic
+from rloss.lr_policy import LearningRate
 from rloss.net import Net
 from rloss.paths import (
-    anchors_of,
     resolve_input,
-    resolve_net_file,
-    resolve_net_paths,
-    resolve_output_prefix,
-    variable_values,
 )
 from rloss.proto import caffe_pb2
 from rloss.proto.blob import array_to_blob, blob_shape, blob_to_array
-from rloss.proto.netstate import filter_net
-from rloss.proto.text import read_net, read_solver
+from rloss.scoring import output_values, score
+from rloss.solver_files import SolverFiles, learned_net
 
 log = logging.getLogger("rloss")
 f32 = np.float32
 EFFECTS = ("stop", "snapshot", "none")
-TRAIN_NET_FIELDS = ("net", "net_param", "train_net", "train_net_param")
 
 
 class SGDSolver:
@@ -71,19 +66,15 @@ class SGDSolver:
             if effect not in EFFECTS:
                 raise SolverError(f"--{flag}={effect}: expected one of {', '.join(EFFECTS)}")
         self.effects = {"SIGINT": sigint_effect, "SIGHUP": sighup_effect}
-        self.source = "<SolverParameter>" if isinstance(solver, caffe_pb2.SolverParameter) else str(solver)
-        self.file = None if isinstance(solver, caffe_pb2.SolverParameter) else Path(solver)
-        self.values, self.defaults = variable_values(values or {}, self.file, environ)
-        self.anchors = anchors_of(self.file)
-        self.param = self._read_param(solver)
-        self._check_param()
+        self.files = SolverFiles(solver, values, environ)
+        self.param = self.files.param
         log.info("Initializing solver from parameters: \n%s", text_format.MessageToString(self.param))
-        self.snapshot_prefix = self._snapshot_prefix()
+        self.snapshot_prefix = self.files.snapshot_prefix()
         if self.param.random_seed >= 0:
             seed_everything(self.param.random_seed)
         self.device = torch.device(device) if device is not None else solver_device(self.param)
-        self.net = self._train_net().to(self.device)
-        self.test_nets = [net.to(self.device) for net in self._test_nets()]
+        self.net = self.files.train_net().to(self.device)
+        self.test_nets = [net.to(self.device) for net in self.files.test_nets()]
         self.iter = 0
         self.lr = LearningRate(self.param)
         self.history = [torch.zeros_like(p.tensor, memory_format=torch.contiguous_format)
@@ -94,121 +85,14 @@ class SGDSolver:
         self._losses: list[np.float32] = []
         self.requested_early_exit = False
         self._pending: list[str] = []
+        self.last_snapshot = ""  # the newest model this run wrote or resumed from (all its weights finite)
         log.info("Solver scaffolding done.")
-
-    # ---- construction -----------------------------------------------------------------------------
-    def _read_param(self, solver):
-        if isinstance(solver, caffe_pb2.SolverParameter):
-            return solver
-        path = resolve_net_file(solver, [], self.values, self.defaults)
-        if not path.exists():
-            raise SolverError(f"solver file '{solver}' does not exist (working directory {os.getcwd()})")
-        if path != Path(solver):
-            log.info("Using %s for %s", path, solver)
-        self.file = path
-        self.anchors = anchors_of(path)
-        return read_solver(path, self.values, self.defaults)
-
-    def _check_param(self) -> None:
-        p = self.param
-        if p.type != "SGD":
-            raise SolverError(f"{self.source}: solver type '{p.type}' is not supported; rloss implements SGD")
-        if p.average_loss < 1:
-            raise SolverError(f"{self.source}: average_loss must be >= 1, got {p.average_loss}")
-        if p.iter_size < 1:
-            raise SolverError(f"{self.source}: iter_size must be >= 1, got {p.iter_size}")
-        if p.regularization_type not in ("L1", "L2"):
-            raise SolverError(f"{self.source}: unknown regularization_type '{p.regularization_type}' (L1 or L2)")
-        if p.snapshot > 0 and not p.snapshot_prefix:
-            raise SolverError(f"{self.source}: snapshot is {p.snapshot} but snapshot_prefix is not set")
-        try:
-            check_policy(p)
-        except SolverError as error:
-            raise SolverError(f"{self.source}: {error}") from None
-
-    def _snapshot_prefix(self) -> str:
-        """The prefix snapshot names start with (resolved, directory created), after a write probe."""
-        p = self.param
-        if not p.snapshot_prefix:
-            return ""
-        prefix = str(resolve_output_prefix(p.snapshot_prefix, self.anchors))
-        if p.snapshot > 0:
-            probe = Path(f"{prefix}_iter_{0}.tempfile")
-            try:
-                probe.write_bytes(b"")
-                probe.unlink()
-            except OSError as error:
-                raise SolverError(f"cannot write to snapshot prefix '{prefix}' ({error.strerror or error}); "
-                                  "make sure that directory exists and is writable") from None
-        return prefix
-
-    def _train_net(self) -> Net:
-        p = self.param
-        given = [name for name in TRAIN_NET_FIELDS if p.HasField(name)]
-        if len(given) != 1:
-            what = "no" if not given else f"{len(given)} ({', '.join(given)})"
-            raise SolverError(f"{self.source}: the solver names {what} train net; give exactly one of "
-                              f"{', '.join(TRAIN_NET_FIELDS)}")
-        field = given[0]
-        if field.endswith("_param"):
-            log.info("Creating training net specified in %s.", field)
-            return build_net(self._located(getattr(p, field)), caffe_pb2.TRAIN, p.train_state,
-                             f"{self.source} ({field})")
-        path = self._net_file(getattr(p, field))
-        log.info("Creating training net from %s file: %s", field, path)
-        return build_net(self._read_net(path), caffe_pb2.TRAIN, p.train_state, str(path))
-
-    def _test_nets(self) -> list[Net]:
-        """Caffe's InitTestNets: test_net_param entries, test_net files, then the generic net once per
-        remaining test_iter, each with its test_state."""
-        p = self.param
-        generic = p.HasField("net") or p.HasField("net_param")
-        specific = len(p.test_net_param) + len(p.test_net)
-        if (generic and len(p.test_iter) < specific) or (not generic and len(p.test_iter) != specific):
-            raise SolverError(f"{self.source}: {len(p.test_iter)} test_iter values for {specific} test nets"
-                              f"{' (plus the generic net)' if generic else ''}: give one test_iter per test net")
-        count = len(p.test_iter) if generic else specific
-        if len(p.test_state) and len(p.test_state) != count:
-            raise SolverError(f"{self.source}: {len(p.test_state)} test_state entries for {count} test nets")
-        if count and p.test_interval <= 0:
-            log.info("test_interval is 0: the test nets run only after training")
-        sources: list[tuple[object, str]] = []
-        sources += [(net, f"{self.source} (test_net_param)") for net in p.test_net_param]
-        sources += [(self._net_file(name), name) for name in p.test_net]
-        while len(sources) < count:
-            sources.append((p.net_param, f"{self.source} (net_param)") if p.HasField("net_param")
-                           else (self._net_file(p.net), p.net))
-        nets = []
-        for index, (source, name) in enumerate(sources):
-            state = p.test_state[index] if len(p.test_state) else caffe_pb2.NetState()
-            net_param = self._read_net(source) if isinstance(source, Path) else self._located(source)
-            log.info("Creating test net (#%d) specified by %s", index, name)
-            nets.append(build_net(net_param, caffe_pb2.TEST, state, str(source) if isinstance(source, Path) else name))
-        return nets
-
-    def _net_file(self, name: str) -> Path:
-        path = resolve_net_file(name, self.anchors, self.values, self.defaults)
-        if not path.exists():
-            raise SolverError(f"{self.source}: net file '{name}' does not exist (looked in {os.getcwd()} and in "
-                              f"the folders above {self.file}, and for its template)")
-        return path
-
-    def _read_net(self, path: Path):
-        return self._located(read_net(path, values=self.values, defaults=self.defaults))
-
-    def _located(self, net_param):
-        """A copy of the net with its relative input paths found as rloss.paths describes."""
-        located = caffe_pb2.NetParameter()
-        located.CopyFrom(net_param)
-        for written, used in resolve_net_paths(located, self.anchors):
-            log.info("Using %s for %s", used, written)
-        return located
 
     # ---- weights ----------------------------------------------------------------------------------
     def copy_weights(self, weights: str) -> None:
         """caffe.bin's --weights: each comma-separated model is copied into the train and test nets."""
         for name in filter(None, (w.strip() for w in weights.split(","))):
-            path = resolve_input(name, self.anchors)
+            path = resolve_input(name, self.files.anchors)
             log.info("Finetuning from %s", path)
             for net in [self.net, *self.test_nets]:
                 net.copy_from(str(path))
@@ -223,6 +107,7 @@ class SGDSolver:
         if resume_file:
             log.info("Restoring previous solver status from %s", resume_file)
             self.restore(resume_file)
+            self.last_snapshot = str(resume_file)
         with _SignalRequests(self._pending):
             self.step(p.max_iter - self.iter)
         if p.snapshot_after_train and (p.snapshot == 0 or self.iter % p.snapshot != 0):
@@ -265,6 +150,7 @@ class SGDSolver:
                 log.info("Iteration %d, loss = %s", self.iter, caffe_float(smoothed))
                 self._log_outputs(self.net, "Train")
             self.apply_update(display)
+            self._check_weights_finite("the update of iteration", self.iter)
             self.iter += 1
             if display:
                 clock.report(self.iter)
@@ -286,10 +172,24 @@ class SGDSolver:
             total = f32(total + f32(loss.item()))
         mean = f32(total / f32(iter_size))
         if not math.isfinite(float(mean)):
-            raise SolverError(f"iteration {self.iter}: the loss is {caffe_float(mean)}; training stopped "
-                              f"(the last snapshot written before this iteration is kept; lower base_lr or "
-                              f"check the data)")
+            raise SolverError(f"iteration {self.iter}: the loss is {caffe_float(mean)}; training stopped; "
+                              f"{self._kept()}; lower base_lr or check the data")
         return mean
+
+    def _check_weights_finite(self, what: str, iteration: int) -> None:
+        """Stop, before anything is written, when a learnable parameter holds inf or nan."""
+        tensors = [entry.tensor.detach() for entry in self.net.learnable]
+        if not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            return
+        bad = next(entry for entry in self.net.learnable if not bool(torch.isfinite(entry.tensor.detach()).all()))
+        raise SolverError(f"{what} {iteration} made the parameter {bad.owner} non-finite (inf or nan); "
+                          f"training stopped and nothing was written; {self._kept()}; lower base_lr, "
+                          "set clip_gradients or check the data")
+
+    def _kept(self) -> str:
+        if self.last_snapshot:
+            return f"the last snapshot with finite weights is {self.last_snapshot}"
+        return "no snapshot with finite weights was written in this run"
 
     def _log_outputs(self, net: Net, kind: str) -> None:
         """`    Train net output #k: name = v (* w = w*v loss)` for every element of every output."""
@@ -369,34 +269,25 @@ class SGDSolver:
         net = self.test_nets[index]
         log.info("Iteration %d, Testing net (#%d)", self.iter, index)
         net.share_trained_layers_with(self.net)
-        iterations = p.test_iter[index]
-        sums: list[np.float32] = []
-        names: list[str] = []
-        loss = f32(0)
-        with torch.no_grad():
-            for i in range(iterations):
-                action = self._requested_action()
-                if action == "snapshot":
-                    self.snapshot()
-                elif action == "stop":
-                    self.requested_early_exit = True
-                if self.requested_early_exit:
-                    log.info("Test interrupted.")
-                    return
-                iter_loss = net.forward()
-                loss = f32(loss + f32(iter_loss.item()))
-                values = output_values(net)
-                if i == 0:
-                    sums, names = [f32(v) for _, v in values], [name for name, _ in values]
-                else:
-                    sums = [f32(s + f32(v)) for s, (_, v) in zip(sums, values)]
+        scores = score(net, p.test_iter[index], stop=self._test_interrupted)
+        if scores is None:
+            log.info("Test interrupted.")
+            return
         if p.test_compute_loss:
-            log.info("Test loss: %s", caffe_float(loss / f32(iterations)))
+            log.info("Test loss: %s", caffe_float(scores.mean_loss()))
         weights = dict(net.loss_top_names())
-        for k, (name, total) in enumerate(zip(names, sums)):
-            mean = f32(total / f32(iterations))
+        for k, (name, mean) in enumerate(scores.means()):
             log.info("    Test net output #%d: %s = %s%s", k, name, caffe_float(mean),
                      loss_suffix(weights.get(name, 0.0), mean))
+
+    def _test_interrupted(self) -> bool:
+        """Act on a signal between test passes: snapshot, or stop the test and training."""
+        action = self._requested_action()
+        if action == "snapshot":
+            self.snapshot()
+        elif action == "stop":
+            self.requested_early_exit = True
+        return self.requested_early_exit
 
     # ---- signals ----------------------------------------------------------------------------------
     def _requested_action(self) -> str:
@@ -412,7 +303,12 @@ class SGDSolver:
         return f"{self.snapshot_prefix}_iter_{self.iter}{extension}"
 
     def snapshot(self) -> None:
-        """Write the model, then the solver state naming it (both atomically)."""
+        """Write the model, then the solver state naming it (both atomically); never non-finite weights."""
+        self._check_weights_finite("snapshot at iteration", self.iter)
+        self.last_snapshot = self._write_snapshot()
+
+    def _write_snapshot(self) -> str:
+        """The model and solver state files of this iteration; returns the model's name."""
         if self.param.snapshot_format == caffe_pb2.SolverParameter.HDF5:
             model = self.snapshot_name(".caffemodel.h5")
             log.info("Snapshotting to HDF5 file %s", model)
@@ -420,31 +316,41 @@ class SGDSolver:
             state_file = self.snapshot_name(".solverstate.h5")
             log.info("Snapshotting solver state to HDF5 file %s", state_file)
             write_hdf5_state(self._state(model), state_file)
-            return
+            return model
         model = self.snapshot_name(".caffemodel")
         log.info("Snapshotting to binary proto file %s", model)
         self.net.save(model, with_diff=self.param.snapshot_diff)
         state_file = self.snapshot_name(".solverstate")
         log.info("Snapshotting solver state to binary proto file %s", state_file)
         write_message_atomic(self._state(model), state_file)
+        return model
 
     def _state(self, model: str):
+        """Caffe's SolverState plus the `resume` extension: data positions and torch's generators."""
         state = caffe_pb2.SolverState(iter=self.iter, learned_net=model, current_step=self.lr.current_step)
         for h in self.history:
             state.history.append(array_to_blob(h.detach().cpu().numpy()))
+        resume = state.resume
+        resume.torch_random.cpu = torch.get_rng_state().numpy().tobytes()
+        if self.device.type == "cuda":
+            resume.torch_random.cuda = torch.cuda.get_rng_state(self.device).numpy().tobytes()
+        resume.train_data.extend(self.net.data_states())
+        for net in self.test_nets:
+            resume.test_net.add().data_layer.extend(net.data_states())
         return state
 
     def restore(self, path: str | Path) -> None:
         """Continue from a .solverstate (or .solverstate.h5): iter, lr step, history and the weights
-        of its learned_net (looked up as written, else beside the state file)."""
-        found = resolve_input(path, self.anchors)
+        of its learned_net (looked up as written, else beside the state file), then the data positions
+        and torch's generators when the state has them (the generators last: loading draws nothing)."""
+        found = resolve_input(path, self.files.anchors)
         state = read_solver_state(str(found))
         if len(state.history) != len(self.history):
             raise WeightsError(f"{found}: {len(state.history)} history blobs for the {len(self.history)} "
                                f"learnable parameters of net '{self.net.name}' (a state of another net?)")
         self.iter = state.iter
         if state.HasField("learned_net"):
-            self.net.copy_from(str(_learned_net(state.learned_net, found)))
+            self.net.copy_from(str(learned_net(state.learned_net, found)))
         self.lr.current_step = state.current_step
         for i, (blob, entry) in enumerate(zip(state.history, self.net.learnable)):
             values = blob_to_array(blob, f"{found}: history {i}")
@@ -453,53 +359,27 @@ class SGDSolver:
                                    f"{entry.owner} has shape {tuple(entry.tensor.shape)}")
             self.history[i].copy_(torch.from_numpy(values.reshape(tuple(entry.tensor.shape))))
             self._history_nonzero[i] = bool(np.any(values))
+        if not state.HasField("resume"):
+            log.info("%s has no data positions or generator states (a Caffe state): the data order restarts "
+                     "from the beginning, as in Caffe", found)
+            return
+        resume = state.resume
+        self.net.load_data_states(resume.train_data, str(found))
+        if len(resume.test_net) != len(self.test_nets):
+            log.warning("%s holds data states for %d test nets, the solver has %d: the others start from the "
+                        "beginning", found, len(resume.test_net), len(self.test_nets))
+        for net, saved in zip(self.test_nets, resume.test_net):
+            net.load_data_states(saved.data_layer, str(found))
+        try:
+            torch.set_rng_state(torch.frombuffer(bytearray(resume.torch_random.cpu), dtype=torch.uint8))
+            if self.device.type == "cuda" and resume.torch_random.cuda:
+                cuda_state = torch.frombuffer(bytearray(resume.torch_random.cuda), dtype=torch.uint8)
+                torch.cuda.set_rng_state(cuda_state, self.device)
+        except (RuntimeError, ValueError) as error:
+            raise WeightsError(f"{found}: its torch generator state cannot be restored ({error})") from None
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
-
-def seed_everything(seed: int) -> None:
-    """Caffe's set_random_seed: every generator fillers, data layers and dropout draw from."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def solver_device(param) -> torch.device:
-    """solver_mode GPU means CUDA device `device_id`, or the CPU (with a warning) without CUDA."""
-    if param.solver_mode == caffe_pb2.SolverParameter.GPU:
-        return cuda_or_cpu(param.device_id)
-    return torch.device("cpu")
-
-
-def cuda_or_cpu(index: int) -> torch.device:
-    if torch.cuda.is_available():
-        if index >= torch.cuda.device_count():
-            raise SolverError(f"GPU {index} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-        return torch.device("cuda", index)
-    log.warning("GPU mode requested but CUDA is not available: running on the CPU")
-    return torch.device("cpu")
-
-
-def build_net(net_param, phase: int, solver_state, source: str) -> Net:
-    """A Net for `phase` with Caffe's state rule: phase, then the file's state, then the solver's."""
-    state = caffe_pb2.NetState(phase=phase)
-    state.MergeFrom(net_param.state)
-    state.MergeFrom(solver_state)
-    filtered = filter_net(net_param, state)
-    filtered.state.CopyFrom(state)
-    return Net(filtered, state.phase, source=source)
-
-
-def _learned_net(name: str, state_file: Path) -> Path:
-    """The model a solver state names: as written (relative to the working directory), else beside
-    the state file."""
-    candidates = [Path(name), state_file.parent / name, state_file.parent / Path(name).name]
-    for candidate in candidates:
-        if candidate.exists():
-            return candidate
-    tried = ", ".join(str(c) for c in candidates)
-    raise WeightsError(f"{state_file}: its learned_net '{name}' does not exist (tried {tried})")
-
 
 def _smooth(losses: list, smoothed: np.float32, loss: np.float32, offset: int, average: int) -> np.float32:
     """Caffe's running mean of the last `average` losses (float arithmetic, as in Caffe)."""
@@ -511,19 +391,6 @@ def _smooth(losses: list, smoothed: np.float32, loss: np.float32, offset: int, a
     smoothed = f32(smoothed + (loss - losses[index]) / f32(average))
     losses[index] = loss
     return smoothed
-
-
-def output_values(net: Net) -> list[tuple[str, float]]:
-    """(blob name, value) for every element of every output blob, in Caffe's output order."""
-    return [(name, value) for name in net.outputs
-            for value in net.blob_data[name].detach().reshape(-1).cpu().tolist()]
-
-
-def loss_suffix(weight: float, value: float) -> str:
-    """` (* w = w*v loss)` after the value of an output that is part of the objective."""
-    if not weight:
-        return ""
-    return f" (* {caffe_float(weight)} = {caffe_float(f32(weight) * f32(value))} loss)"
 
 
 class _Progress:
@@ -605,6 +472,8 @@ def write_hdf5_state(state, path: str) -> None:
         history = handle.create_group("history")
         for i, blob in enumerate(state.history):
             history.create_dataset(str(i), data=blob_to_array(blob, f"history {i}"))
+        if state.HasField("resume"):  # rloss's extension (serialized ResumeState bytes); Caffe ignores it
+            handle.create_dataset("rloss_resume", data=np.frombuffer(state.resume.SerializeToString(), np.uint8))
 
     _write_h5_atomic(h5py, path, fill)
 
@@ -619,29 +488,11 @@ def _h5py():
 
 
 def _write_h5_atomic(h5py, path: str, fill: Callable) -> None:
-    temporary = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
-    try:
+    def write(temporary: Path) -> None:
         with h5py.File(temporary, "w") as handle:
             fill(handle)
-        os.replace(temporary, path)
+
+    try:
+        write_file_atomic(path, write)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
         raise SolverError(f"cannot write {path}: {error}") from None
-
-
-def parse_gpu_flag(flag: str) -> torch.device:
-    """caffe.bin's --gpu value (device ids or `all`) as the one device rloss runs on. Several devices
-    (Caffe's data parallelism) are refused: iter_size gives the same effective batch."""
-    if flag == "all":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 1
-        ids = list(range(max(1, count)))
-    else:
-        try:
-            ids = [int(part) for part in flag.split(",") if part.strip()]
-        except ValueError:
-            raise SolverError(f"--gpu={flag}: expected device ids separated by commas, or 'all'") from None
-    if len(ids) != 1:
-        raise SolverError(f"--gpu={flag}: {len(ids)} devices requested; rloss trains on one device "
-                          "(multiply iter_size by the device count for the same effective batch)")
-    return cuda_or_cpu(ids[0])
-

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rloss.__main__ import build_parser, main
+from rloss.cli.main import build_parser, main
+from rloss.cli.train import main as solve_main
 from rloss.net import Net
 from rloss.proto import caffe_pb2
-from rloss.solve import main as solve_main
-from tests.conftest import REPO
+from tests.shared_data import REPO
 from tests.test_solver import solver_file, write_dataset
 
 h5py = pytest.importorskip("h5py")

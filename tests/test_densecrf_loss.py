@@ -8,6 +8,7 @@ batch split)."""
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from rloss.layers.registry import layer_class
 from rloss.losses import DenseCRFLossFunction
 from rloss.net import Net
 from rloss.proto import caffe_pb2
-from tests.conftest import shared_path
+from tests.shared_data import golden
 
 MEAN_BGR = np.array([104.008, 116.669, 122.675], np.float32)
 LAYER = ('name: "crf" type: "DenseCRFLoss" bottom: "data" bottom: "seg" top: "loss" {extra} '
@@ -76,14 +77,13 @@ def layer_loss_and_grad(layer, image: np.ndarray, seg: np.ndarray, weight: float
 # ---- (a) golden cases, at the layer level (the net-level run is in test_golden_layers.py) ---------
 @pytest.mark.parametrize("case", ["densecrf_loss_81_w1", "densecrf_loss_41_w1e-8"])
 def test_layer_matches_caffe_golden(case: str) -> None:
-    folder = shared_path("golden", "01_layers", case)
-    net = text_format.Parse((folder / "net.prototxt").read_text(), caffe_pb2.NetParameter())
-    param = next(p for p in net.layer if p.type == "DenseCRFLoss")
-    image, seg = np.load(folder / "in_data.npy"), np.load(folder / "out_seg.npy")
+    files = golden("01_layers", case)
+    param = next(p for p in files.net_param().layer if p.type == "DenseCRFLoss")
+    image, seg = files.array("in_data"), files.array("out_seg")
     layer = layer_class("DenseCRFLoss")(param, [image.shape, seg.shape], caffe_pb2.TRAIN)
     top, grad = layer_loss_and_grad(layer, image, seg, weight=param.loss_weight[0])
-    expected_loss = np.load(folder / "out_densecrf_loss.npy")
-    expected_grad = np.load(folder / "diff_seg.npy")
+    expected_loss = files.array("out_densecrf_loss")
+    expected_grad = files.array("diff_seg")
     assert top.shape == (1, 1, 1, 1)
     expected = float(expected_loss.ravel()[0])
     loss_error = abs(float(top.detach()) - expected) / abs(expected)
@@ -308,6 +308,48 @@ def test_module_rejects_bad_input() -> None:
         module(torch.zeros(1, 1, 6, 6), torch.zeros(1, 2, 6, 6), torch.ones(1, 6, 6))
     with pytest.raises(RlossError, match="sigma_xy"):
         DenseCRFLossModule(1.0, 15.0, -1.0)
+
+
+def test_module_refuses_a_scale_factor_that_empties_the_images_before_interpolating() -> None:
+    module = DenseCRFLossModule(1.0, 15.0, 5.0, scale_factor=0.01)
+    with pytest.raises(RlossError, match=r"scale_factor 0\.01 shrinks the 16x16 images to 0x0 pixels.*1/16"):
+        module(torch.rand(1, 3, 16, 16) * 255, torch.rand(1, 2, 16, 16), torch.ones(1, 16, 16))
+    with pytest.raises(RlossError, match=r"20x10 images to 1x0"):  # one side is enough
+        DenseCRFLossModule(1.0, 15.0, 5.0, scale_factor=0.07)(
+            torch.rand(1, 3, 20, 10), torch.rand(1, 2, 20, 10), torch.ones(1, 20, 10))
+    small = DenseCRFLossModule(1.0, 15.0, 5.0, scale_factor=1 / 16)  # 1x1 is still an image
+    assert torch.isfinite(small(torch.rand(1, 3, 16, 16) * 255, torch.rand(1, 2, 16, 16), torch.ones(1, 16, 16)))
+
+
+@pytest.mark.parametrize("value", [1e20, 1e30, 3e38])
+def test_huge_segmentations_are_refused_not_turned_into_an_infinite_loss(value: float) -> None:
+    """The rule: the segmentation must be finite, and the loss (in the segmentation's dtype) and its
+    gradient must come out finite. Finite values this large overflow: refused, naming the largest."""
+    images = torch.rand(1, 3, 16, 16) * 255
+    seg = torch.full((1, 2, 16, 16), value)
+    largest = re.escape(f"{value:.3g}")
+    with pytest.raises(RlossError, match=rf"DenseCRFLoss: the loss is not finite .*too large .*{largest}"):
+        DenseCRFLossModule(1.0, 15.0, 5.0)(images, seg, torch.ones(1, 16, 16))
+    image, layer_seg = synthetic_image(1, 6, 7), np.full((1, 2, 6, 7), value, np.float32)
+    with pytest.raises(LayerError, match=r"'crf'.*the loss is not finite.*too large"):
+        make_layer([image.shape, layer_seg.shape])(torch.from_numpy(image), torch.from_numpy(layer_seg))
+    moderate = DenseCRFLossModule(1.0, 15.0, 5.0)(images, torch.full((1, 2, 16, 16), 1e3), torch.ones(1, 16, 16))
+    assert torch.isfinite(moderate)  # large but representable: accepted
+
+
+def test_non_finite_segmentations_name_the_image() -> None:
+    seg = torch.rand(3, 2, 8, 8)
+    seg[2, 1, 4, 4] = float("inf")
+    with pytest.raises(RlossError, match=r"segmentation of image 2 \(of 3\) contains NaN or Inf"):
+        DenseCRFLossModule(1.0, 15.0, 5.0)(torch.rand(3, 3, 8, 8) * 255, seg, torch.ones(3, 8, 8))
+
+
+def test_a_gradient_that_overflows_is_refused() -> None:
+    seg = torch.full((1, 2, 8, 8), 100.0, requires_grad=True)
+    loss = DenseCRFLossModule(1.0, 15.0, 5.0)(torch.rand(1, 3, 8, 8) * 255, seg, torch.ones(1, 8, 8))
+    assert torch.isfinite(loss)
+    with pytest.raises(RlossError, match=r"gradient of image 0 \(of 1\) overflows float32: the gradient arriving"):
+        loss.backward(torch.tensor([3e38]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -21,7 +21,7 @@ from rloss.netspec import NetBuilder, Var
 from rloss.proto import caffe_pb2
 from rloss.proto.text import read_net, read_solver
 from rloss.wiring import data_layers_to_inputs
-from tests.conftest import REPO, shared_path
+from tests.shared_data import REPO, shared_path
 
 FILE_STEMS = list(SOLVER_FILES.values()) + list(KINDS)
 SMALL_NETS = ["deeplab_largeFOV", "deeplab_msc_largeFOV", "deeplab_vgg16"]

@@ -6,22 +6,18 @@ import logging
 
 import numpy as np
 import pytest
-from google.protobuf import text_format
 from PIL import Image
 
 from rloss.data import imageio
 from rloss.layers import layer_class
 from rloss.proto import caffe_pb2
-from tests.conftest import shared_path
+from tests.shared_data import golden, shared_path
 
 
 def _run_case(case: str, monkeypatch) -> tuple[caffe_pb2.LayerParameter, dict[str, np.ndarray]]:
     """Build the case's layer as Caffe did (paths relative to the golden folder) and run one batch."""
-    golden = shared_path("golden")
-    monkeypatch.chdir(golden)
-    net = text_format.Parse((golden / "03_imagesegdata" / case / "net.prototxt").read_text(),
-                            caffe_pb2.NetParameter())
-    param = net.layer[0]
+    monkeypatch.chdir(shared_path("golden"))
+    param = golden("03_imagesegdata", case).net_param().layer[0]
     layer = layer_class(param.type)(param, [], param.include[0].phase)
     try:
         tops = layer()
@@ -30,16 +26,12 @@ def _run_case(case: str, monkeypatch) -> tuple[caffe_pb2.LayerParameter, dict[st
     return param, {name: top.numpy() for name, top in zip(param.top, tops)}
 
 
-def _golden(case: str, top: str) -> np.ndarray:
-    return np.load(shared_path("golden", "03_imagesegdata", case, f"out_{top}.npy"))
-
-
 @pytest.mark.parametrize("case", ["train_3imgs", "test_wide_centercrop"])
 def test_tops_are_bit_exact(case, monkeypatch):
     param, ours = _run_case(case, monkeypatch)
     assert list(ours) == ["data", "label", "data_dim"]
     for top, value in ours.items():
-        expected = _golden(case, top)
+        expected = golden("03_imagesegdata", case).array(f"out_{top}")
         assert value.dtype == np.float32
         assert value.shape == expected.shape, top
         assert np.array_equal(value, expected), f"{case} top {top}: max diff {np.abs(value - expected).max()}"
@@ -82,17 +74,17 @@ def test_palette_labels_are_read_as_indices_where_caffe_read_luma(monkeypatch, c
     assert png.mode == "P"
     indices = np.array(png)
     height, width = indices.shape
-    caffe_label = _golden("train_palette_label", "label")[0, 0]
+    caffe_label = golden("03_imagesegdata", "train_palette_label").array("out_label")[0, 0]
     our_label = ours["label"][0, 0]
     assert np.array_equal(our_label[:height, :width], indices.astype(np.float32))
-    assert np.array_equal(indices, np.load(shared_path("golden", "03_imagesegdata", "data", "img1_label.npy")))
+    assert np.array_equal(indices, golden("03_imagesegdata", "data").array("img1_label"))
     palette = np.array(png.getpalette()).reshape(-1, 3)
     assert np.array_equal(caffe_label[:height, :width], _libpng_luma(palette[indices]).astype(np.float32))
     assert not np.array_equal(caffe_label[:height, :width], our_label[:height, :width])
     # Padding, data and data_dim agree with Caffe.
     assert np.all(our_label[height:] == 255) and np.all(caffe_label[height:] == 255)
     for top in ("data", "data_dim"):
-        assert np.array_equal(ours[top], _golden("train_palette_label", top))
+        assert np.array_equal(ours[top], golden("03_imagesegdata", "train_palette_label").array(f"out_{top}"))
 
 
 def test_library_luma_matches_caffe_palette_values(monkeypatch):
@@ -100,5 +92,6 @@ def test_library_luma_matches_caffe_palette_values(monkeypatch):
     png = Image.open(shared_path("golden", "03_imagesegdata", "data", "img1_label_palette.png"))
     indices = np.array(png)
     palette = np.array(png.getpalette(), dtype=np.uint8).reshape(-1, 3)
-    caffe_label = _golden("train_palette_label", "label")[0, 0, :indices.shape[0], :indices.shape[1]]
+    caffe_label = golden("03_imagesegdata", "train_palette_label").array("out_label")
+    caffe_label = caffe_label[0, 0, :indices.shape[0], :indices.shape[1]]
     assert np.array_equal(imageio.libpng_gray(palette[indices]).astype(np.float32), caffe_label)

@@ -4,12 +4,11 @@ net.prototxt and weights.caffemodel loaded as they are, inputs fed, forward outp
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from rloss import caffe
-from tests.conftest import shared_path
 from tests.helpers import relative_error
+from tests.shared_data import golden
 
 CASES = [
     "conv_dilation", "pooling", "interp", "eltwise", "softmax", "softmax_loss_ignore255", "seg_accuracy",
@@ -19,34 +18,30 @@ CASES = [
 GRADIENT_TOLERANCE = {"densecrf_loss_81_w1": 1e-3, "densecrf_loss_41_w1e-8": 1e-3, "densecrf_chain_81": 1e-3}
 
 
-def _files(case_dir, prefix: str) -> dict[str, np.ndarray]:
-    return {p.stem[len(prefix):]: np.load(p) for p in sorted(case_dir.glob(f"{prefix}*.npy"))}
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_golden_layer_case(case: str) -> None:
-    case_dir = shared_path("golden", "01_layers", case)
-    weights = case_dir / "weights.caffemodel"
-    net = caffe.Net(str(case_dir / "net.prototxt"), str(weights) if weights.exists() else None, caffe.TRAIN)
-    for name, value in _files(case_dir, "in_").items():
+    files = golden("01_layers", case)
+    weights = files.folder / "weights.caffemodel"
+    net = caffe.Net(str(files.folder / "net.prototxt"), str(weights) if weights.exists() else None, caffe.TRAIN)
+    for name, value in files.arrays("in_").items():
         net.blobs[name].data[...] = value
     net.forward()
     errors: dict[str, float] = {}
-    for name, expected in _files(case_dir, "out_").items():
+    for name, expected in files.arrays("out_").items():
         errors[f"out {name}"] = relative_error(net.blobs[name].data.reshape(expected.shape), expected)
-    for key, expected in _files(case_dir, "params_after_fwd_").items():
+    for key, expected in files.arrays("params_after_fwd_").items():
         layer, index = key.rsplit("_", 1)
         errors[f"param after forward {key}"] = relative_error(net.params[layer][int(index)].data, expected)
-    for name, diff in _files(case_dir, "topdiff_").items():
+    for name, diff in files.arrays("topdiff_").items():
         net.blobs[name].diff[...] = diff
     net.backward()
     forced = net._net.force_backward
     grad_tol = GRADIENT_TOLERANCE.get(case, 1e-4)
-    for name, expected in _files(case_dir, "diff_").items():
+    for name, expected in files.arrays("diff_").items():
         if name in net.inputs and not forced:
             continue  # Caffe computes no diff for such inputs (its buffer holds scratch values)
         errors[f"diff {name}"] = relative_error(net.blobs[name].diff.reshape(expected.shape), expected)
-    for key, expected in _files(case_dir, "pdiff_").items():
+    for key, expected in files.arrays("pdiff_").items():
         layer, index = key.rsplit("_", 1)
         actual = net.params[layer][int(index)].diff.reshape(expected.shape)
         errors[f"param diff {key}"] = relative_error(actual, expected)

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rloss.__main__ import main
+from rloss.cli.main import main
 from rloss.io import read_net_param, read_solver_state
 from rloss.proto.blob import blob_to_array
-from tests.conftest import REPO, shared_path
 from tests.helpers import relative_error
+from tests.shared_data import REPO, shared_path
 
 pytest.importorskip("h5py")
 LOG_LINE = re.compile(r"(Iteration \d+, (?:loss|lr) = \S+|Train net output #\d+: .*)$")

@@ -23,7 +23,7 @@ from rloss.data.transform import scaled_size
 from rloss.errors import DataError, LayerError
 from rloss.layers import layer_class
 from rloss.proto import caffe_pb2
-from tests.conftest import shared_path
+from tests.shared_data import shared_path
 
 MEAN = (104.008, 116.669, 122.675)
 MSRC_IMAGES = ("10_10_s", "10_12_s", "10_15_s")  # 320 wide, 213 high

@@ -14,7 +14,7 @@ from PIL import Image
 from scipy.io import loadmat
 
 from rloss import caffe
-from rloss.__main__ import main
+from rloss.cli.main import main
 from rloss.data.synthetic import write_dataset
 from tests.test_densecrf_inference import PARAMS, brute_force, gaussian_matrix
 

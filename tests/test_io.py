@@ -12,7 +12,7 @@ from rloss import io as rio
 from rloss.errors import WeightsError
 from rloss.proto import caffe_pb2
 from rloss.proto.blob import array_to_blob, blob_to_array
-from tests.conftest import shared_path
+from tests.shared_data import shared_path
 
 
 def golden_files(pattern: str):

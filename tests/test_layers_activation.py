@@ -11,8 +11,8 @@ from google.protobuf import text_format
 from rloss.errors import LayerError
 from rloss.layers import layer_class
 from rloss.proto import caffe_pb2
-from tests.conftest import shared_path
 from tests.helpers import layer_from_text, relative_error
+from tests.shared_data import shared_path
 
 TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
 

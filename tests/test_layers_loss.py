@@ -13,7 +13,7 @@ from google.protobuf import text_format
 from rloss.errors import LayerError
 from rloss.layers import layer_class
 from rloss.proto import caffe_pb2
-from tests.conftest import shared_path
+from tests.shared_data import shared_path
 
 FLT_MIN = np.finfo(np.float32).tiny
 

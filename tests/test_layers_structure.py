@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from google.protobuf import text_format
 
 from rloss.errors import LayerError
 from rloss.layers import layer_class
 from rloss.proto import caffe_pb2
-from tests.conftest import shared_path
 from tests.helpers import layer_from_text, relative_error
+from tests.shared_data import golden
 
 TRAIN = caffe_pb2.TRAIN
 
@@ -104,19 +103,18 @@ def test_eltwise_max_random_matches_reference():
 
 
 def test_eltwise_golden():
-    folder = shared_path("golden", "01_layers", "eltwise")
-    net = text_format.Parse((folder / "net.prototxt").read_text(), caffe_pb2.NetParameter())
-    for layer_param in net.layer:
+    files = golden("01_layers", "eltwise")
+    for layer_param in files.net_param().layer:
         layer = layer_class("Eltwise")(layer_param, [(2, 3, 5, 6)] * 2, TRAIN)
         xs = [
-            torch.from_numpy(np.load(folder / f"in_{b}.npy")).requires_grad_(True) for b in layer_param.bottom
+            torch.from_numpy(files.array(f"in_{b}")).requires_grad_(True) for b in layer_param.bottom
         ]
         (y,) = layer(*xs)
         top = layer_param.top[0]
-        assert rel_err(y.detach().numpy(), np.load(folder / f"out_{top}.npy")) <= 1e-4
-        y.backward(torch.from_numpy(np.load(folder / f"topdiff_{top}.npy")))
+        assert rel_err(y.detach().numpy(), files.array(f"out_{top}")) <= 1e-4
+        y.backward(torch.from_numpy(files.array(f"topdiff_{top}")))
         for name, x in zip(layer_param.bottom, xs):
-            assert rel_err(x.grad.numpy(), np.load(folder / f"diff_{name}.npy")) <= 1e-4
+            assert rel_err(x.grad.numpy(), files.array(f"diff_{name}")) <= 1e-4
 
 
 def test_eltwise_errors():

@@ -13,8 +13,8 @@ from google.protobuf import text_format
 from rloss.errors import LayerError
 from rloss.layers import layer_class, vision
 from rloss.proto import caffe_pb2
-from tests.conftest import shared_path
 from tests.helpers import layer_from_text, relative_error
+from tests.shared_data import golden
 
 FLT_MAX = float(np.finfo(np.float32).max)
 
@@ -264,32 +264,32 @@ def test_convolution_errors():
 def _golden_layer_case(case: str, monkeypatch=None):
     """Every layer of a golden net built alone from its LayerParameter, fed the golden inputs and
     params, with the golden top diffs; yields (what, our value, Caffe's value)."""
-    folder = shared_path("golden", "01_layers", case)
-    net = text_format.Parse((folder / "net.prototxt").read_text(), caffe_pb2.NetParameter())
-    inputs = {name: np.load(folder / f"in_{name}.npy") for name in net.input}
+    files = golden("01_layers", case)
+    net = files.net_param()
+    inputs = {name: files.array(f"in_{name}") for name in net.input}
     grads = {name: [] for name in inputs}
     for lp in net.layer:
         layer = layer_class(lp.type)(lp, [inputs[b].shape for b in lp.bottom], caffe_pb2.TRAIN)
-        set_blobs(layer, [np.load(folder / f"param_{lp.name}_{i}.npy") for i in range(len(layer.blobs))])
+        set_blobs(layer, [files.array(f"param_{lp.name}_{i}") for i in range(len(layer.blobs))])
         bottoms = [torch.tensor(inputs[b], requires_grad=True) for b in lp.bottom]
         tops = layer(*bottoms)
         for name, top in zip(lp.top, tops):
-            yield f"out {name}", top, np.load(folder / f"out_{name}.npy")
+            yield f"out {name}", top, files.array(f"out_{name}")
         torch.autograd.backward(
-            tops, [torch.from_numpy(np.load(folder / f"topdiff_{t}.npy")) for t in lp.top]
+            tops, [torch.from_numpy(files.array(f"topdiff_{t}")) for t in lp.top]
         )
         for name, bottom in zip(lp.bottom, bottoms):
             grads[name].append(bottom.grad)
         for i, blob in enumerate(layer.blobs):
-            yield f"pdiff {lp.name} {i}", blob.grad, np.load(folder / f"pdiff_{lp.name}_{i}.npy")
+            yield f"pdiff {lp.name} {i}", blob.grad, files.array(f"pdiff_{lp.name}_{i}")
     for index, (name, per_consumer) in enumerate(grads.items()):
-        yield f"diff {name}", sum(per_consumer), np.load(folder / f"diff_{name}.npy")
+        yield f"diff {name}", sum(per_consumer), files.array(f"diff_{name}")
         if len(per_consumer) > 1:
             for k, grad in enumerate(per_consumer):
                 yield (
                     f"diff {name} split {k}",
                     grad,
-                    np.load(folder / f"diff_{name}_input_{index}_split_{k}.npy"),
+                    files.array(f"diff_{name}_input_{index}_split_{k}"),
                 )
 
 

@@ -1,4 +1,4 @@
-"""Net construction rules (spec section 3): Split insertion and naming, in-place tops, fan-out gradient
+"""Caffe's net construction rules: Split insertion and naming, in-place tops, fan-out gradient
 sums, parameter sharing, loss weights, propagate_down, outputs, and clear errors for bad wiring."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Prototxt reading: `${VAR}` substitution, parse errors with file:line:column and hints, the real
-experiment files (layer counts of spec section 8) and the golden prototxts."""
+experiment files (their layer counts) and the golden prototxts."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import pytest
 from rloss.errors import ProtoError, VariableError
 from rloss.proto import caffe_pb2
 from rloss.proto.text import expand_variables, parse_net, read_net, read_prototxt, read_solver, split_comment
-from tests.conftest import shared_path
+from tests.shared_data import shared_path
 
 VALUES = {
     "NUM_LABELS": "21", "EXP": "pascal_scribble", "NET_ID": "resnet-101", "DATA_ROOT": "/data/voc/",
     "TRAIN_SET": "train", "TEST_SET": "val", "DENSECRF_LOSS_WEIGHT": "1e-8",
 }
 
-# spec 8.1: layers per file, and a few type counts
+# layers per original file, and a few type counts
 NET_FILES = {
     "deeplab_largeFOV/train": (43, {"Convolution": 16, "ReLU": 15, "Pooling": 6, "Dropout": 2, "Interp": 1}),
     "deeplab_largeFOV/trainwithdensecrfloss": (46, {"Interp": 2, "Softmax": 1, "DenseCRFLoss": 1}),
@@ -34,7 +34,7 @@ NET_FILES = {
     "resnet-101/test": (1362, {"Interp": 5, "SegAccuracy": 1, "Silence": 1}),
 }
 
-# spec 8.2: (lr_policy, base_lr, max_iter, iter_size)
+# each original solver's (lr_policy, base_lr, max_iter, iter_size)
 SOLVER_FILES = {
     "deeplab_largeFOV/solver": ("step", 1e-3, 9000, 1),
     "deeplab_largeFOV/solverwithdensecrfloss": ("step", 1e-4, 9000, 1),
@@ -153,19 +153,10 @@ def test_several_missing_variables_are_all_listed(tmp_path):
     assert "${A}" in message and "${B} (line 2)" in message
 
 
-def test_environment_is_used(tmp_path, monkeypatch):
-    monkeypatch.setenv("RLOSS_TEST_NUM", "7")
-    path = write(tmp_path, 'layer { name: "c" convolution_param { num_output: ${RLOSS_TEST_NUM} } }')
-    assert read_net(path).layer[0].convolution_param.num_output == 7
-
-
-def test_explicit_beats_environment_beats_defaults(monkeypatch):
-    text = "${X} ${Y} ${Z}"
-    monkeypatch.setenv("X", "env")
+def test_explicit_values_beat_defaults_and_the_environment_is_never_read(monkeypatch):
     monkeypatch.setenv("Y", "env")
-    monkeypatch.delenv("Z", raising=False)
-    expanded = expand_variables(text, "f", values={"X": "set"}, defaults={"X": "d", "Y": "d", "Z": "d"})
-    assert expanded == "set env d"
+    expanded = expand_variables("${X} ${Y}", "f", values={"X": "set"}, defaults={"X": "d", "Y": "d"})
+    assert expanded == "set d"
 
 
 def test_comments_are_not_substituted_but_hash_in_strings_is_not_a_comment():

@@ -1,6 +1,6 @@
 """The Caffe user's Python path: a pycaffe-style script (only the import changed) builds an SGDSolver
 on a tiny net over a synthetic dataset, copies weights, takes one step and reads blob diffs. The test
-checks those diffs and the update against numpy formulas written from the spec (2.8 SoftmaxWithLoss,
+checks those diffs and the update against numpy formulas of Caffe's layers (2.8 SoftmaxWithLoss,
 4.3 ApplyUpdate), and that `caffe.Net(model, weights, caffe.TEST)` agrees with `python -m rloss test`."""
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import pytest
 from PIL import Image
 
 from rloss import caffe
-from rloss.__main__ import main
+from rloss.cli.main import main
 from rloss.data.synthetic import write_dataset
 from rloss.errors import NetError, SolverError
-from tests.conftest import REPO
+from tests.shared_data import REPO
 
 BASE_LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 0.0005
 SCORE_LR_MULT = (10.0, 20.0)  # weights, bias

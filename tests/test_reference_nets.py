@@ -1,5 +1,5 @@
 """The 12 net files of the original experiments (../shared/reference) parse and build for their phase,
-with the shapes, outputs, parameter counts and sharing the spec states (sections 1.5, 3.6, 8)."""
+with the shapes, outputs, parameter counts and sharing of Caffe's nets."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import pytest
 
 from rloss.net import Net
 from rloss.proto import caffe_pb2
-from tests.conftest import shared_path
+from tests.shared_data import shared_path
 
 NETS = ["deeplab_largeFOV", "deeplab_msc_largeFOV", "deeplab_vgg16", "resnet-101"]
-# Owner (learnable) parameter counts = solverstate history length, spec 1.5.
+# Owner (learnable) parameter counts = solverstate history length (shared blobs count once).
 LEARNABLE = {"deeplab_largeFOV": 32, "deeplab_msc_largeFOV": 62, "deeplab_vgg16": 50, "resnet-101": 632}
-# Net outputs in Caffe's (sorted) order, spec 3.6.
+# Net outputs in Caffe's order (its output set is sorted by name).
 OUTPUTS = {
     ("deeplab_largeFOV", "train"): ["accuracy"],
     ("deeplab_largeFOV", "trainwithdensecrfloss"): ["accuracy", "densecrf_loss", "softmax_loss"],

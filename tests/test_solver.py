@@ -1,4 +1,4 @@
-"""SGDSolver against Caffe's rules written out independently here (spec section 4): the update
+"""SGDSolver against Caffe's rules written out independently here: the update
 (clip, /iter_size, weight decay, momentum with the rate folded in), lr policies, the smoothed
 loss, snapshots/resume, NaN handling, signals, test nets, and rloss.paths' resolution rules."""
 
@@ -17,18 +17,13 @@ from google.protobuf import text_format
 
 from rloss.caffe_log import caffe_number
 from rloss.errors import SolverError, VariableError
-from rloss.io import read_solver_state
+from rloss.io import read_net_param, read_solver_state
 from rloss.lr_policy import LearningRate, check_policy
-from rloss.paths import (
-    parse_assignments,
-    resolve_input,
-    resolve_net_file,
-    resolve_output_prefix,
-    variable_values,
-)
+from rloss.paths import resolve_input, resolve_net_file, resolve_output_prefix
 from rloss.proto import caffe_pb2
 from rloss.proto.blob import blob_to_array
 from rloss.solver import SGDSolver
+from rloss.variables import parse_assignments, variable_values
 
 h5py = pytest.importorskip("h5py")
 
@@ -349,14 +344,51 @@ def test_restore_finds_the_model_beside_a_moved_state(tmp_path):
     assert solver.iter == 2
 
 
-def test_nan_loss_stops_and_keeps_the_last_snapshot(tmp_path):
-    solver = SGDSolver(solver_file(tmp_path, base_lr=1e30, momentum=0, max_iter=5, snapshot=1))
-    with pytest.raises(SolverError, match=r"iteration (\d+): the loss is (nan|inf)") as caught:
+def finite_model(path: Path) -> bool:
+    net = read_net_param(path)
+    return all(np.isfinite(blob_to_array(blob, "b")).all() for layer in net.layer for blob in layer.blobs)
+
+
+@pytest.mark.parametrize("base_lr", [1e30, 3e38])
+def test_exploding_run_stops_and_names_the_last_finite_snapshot(tmp_path, base_lr):
+    solver = SGDSolver(solver_file(tmp_path, base_lr=base_lr, momentum=0, max_iter=6, snapshot=1))
+    with pytest.raises(SolverError, match="training stopped") as caught:
         solver.solve()
-    failed = int(caught.value.args[0].split()[1].rstrip(":"))
-    assert failed >= 1
-    assert (tmp_path / f"snap_iter_{failed}.caffemodel").exists()
-    assert not (tmp_path / f"snap_iter_{failed + 1}.caffemodel").exists()
+    message = str(caught.value)
+    models = sorted(tmp_path.glob("snap_iter_*.caffemodel"))
+    assert all(finite_model(model) for model in models), "a non-finite snapshot was written"
+    if models:
+        newest = max(models, key=lambda p: int(p.stem.split("_")[-1]))
+        assert f"the last snapshot with finite weights is {newest}" in message
+    else:
+        assert "no snapshot with finite weights was written" in message
+    assert ("the loss is" in message) != ("non-finite" in message)
+
+
+def test_non_finite_weights_are_never_snapshotted(tmp_path):
+    solver = SGDSolver(solver_file(tmp_path, max_iter=2, snapshot=1))
+    solver.step(1)
+    solver.snapshot()
+    with torch.no_grad():
+        solver.net.learnable[1].tensor[0] = float("inf")
+    with pytest.raises(SolverError, match=r"snapshot at iteration 1 made the parameter ip1/1 non-finite.*"
+                                          r"the last snapshot with finite weights is .*snap_iter_1.caffemodel"):
+        solver.snapshot()
+    with pytest.raises(SolverError, match="iteration 1: the loss is nan.*snap_iter_1.caffemodel"):
+        solver.step(1)
+    assert sorted(p.name for p in tmp_path.glob("snap_iter_*")) == ["snap_iter_1.caffemodel",
+                                                                   "snap_iter_1.solverstate"]
+
+
+def test_interrupted_writes_are_cleaned_up_by_the_next_write(tmp_path):
+    solver = SGDSolver(solver_file(tmp_path, max_iter=2, snapshot=2))
+    leftover = tmp_path / ".snap_iter_2.caffemodel.0123456789ab.tmp"
+    other = tmp_path / ".snap_iter_20.caffemodel.0123456789ab.tmp"
+    leftover.write_bytes(b"half a model")
+    other.write_bytes(b"another target's")
+    solver.solve()
+    assert not leftover.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.glob(".*")) == [other.name]
 
 
 def signal_at_iteration(solver: SGDSolver, number: int, iteration: int) -> None:

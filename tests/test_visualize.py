@@ -1,7 +1,7 @@
 """exper/visualize_densecrf_gradient.py in its any-image mode, on the original's training image with a
 synthetic scribble and the small demo net: the figures exist at matplotlib's 640x480, and the drawn
-gradient equals the DenseCRF-loss rule -2 w/N A(S m) m (spec 2.15) pulled back through the softmax
-(spec 2.7), recomputed here from the lattice filter and the blobs of the step."""
+gradient equals the DenseCRF-loss rule -2 w/N A(S m) m pulled back through the softmax
+(dx = y (dy - sum(dy y))), recomputed here from the lattice filter and the blobs of the step."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from rloss.lattice import bilateral_filter
-from tests.conftest import REPO, shared_path
+from tests.shared_data import REPO, shared_path
 
 pytest.importorskip("matplotlib")
 CROP, CLASSES = 41, 3

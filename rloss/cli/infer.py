@@ -12,13 +12,13 @@ Per image `<name>` it writes to the output folder:
 
 The score blob is the one the net's SegAccuracy layer scores (`--score_blob` names another); scores
 smaller than the input (an un-upsampled score map) are upsampled bilinearly, corners aligned, as
-the nets' Interp layers do. With `--crf` the fork's DenseCRF mean-field inference (spec 2.16) runs on
+the nets' Interp layers do. With `--crf` the fork's DenseCRF mean-field inference (the DenseCRF layer's) runs on
 the scores, the image and `data_dim`, and the labels come from its output. Its parameters come from
 `--crf_params` (DenseCRFParameter text, e.g. `"max_iter: 10 pos_w: 3 pos_xy_std: 3 bi_w: 5
 bi_xy_std: 50 bi_rgb_std: 10"`), else from the first commented-out `dense_crf_param` block in the
 model file (the original test files carry one), else the values of the original test file of the
 net named like the model (`name:`), else DeepLab-LargeFOV's. `--mat_write DIR` also writes the
-score blob as MatWrite does (spec 2.17): `DIR/<name>_blob_0.mat` holding one single-precision
+score blob as the fork's MatWrite layer does: `DIR/<name>_blob_0.mat` holding one single-precision
 variable `data` with MATLAB dimensions [W, H, C, N]; with `--crf`, the CRF output goes to
 `DIR/crf/<name>_blob_0.mat`.
 """
@@ -43,15 +43,16 @@ from rloss.layers.registry import layer_class
 from rloss.metrics import predict_labels
 from rloss.net import Net
 from rloss.palette import VOC_PALETTE, write_label_png
-from rloss.paths import parse_assignments, resolve_net_file, variable_values
+from rloss.paths import resolve_net_file
 from rloss.proto import caffe_pb2
 from rloss.proto.text import read_net, read_text
+from rloss.variables import parse_assignments, variable_values
 
 log = logging.getLogger("rloss")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 OVERLAY_ALPHA = 0.5
-# DenseCRF settings of the original test files' commented-out blocks (spec 2.16), by net name.
+# DenseCRF settings of the original test files' commented-out blocks, by net name.
 ORIGINAL_CRF_PARAMS = {
     "deeplab_largeFOV": "max_iter: 10 pos_w: 3 pos_xy_std: 3 bi_w: 5 bi_xy_std: 50 bi_rgb_std: 10",
     "deeplab_msc_largeFOV": "max_iter: 10 pos_w: 3 pos_xy_std: 3 bi_w: 5 bi_xy_std: 50 bi_rgb_std: 10",
@@ -348,7 +349,7 @@ def infer(args: argparse.Namespace) -> None:
     """Segment the images of --image/--images and write the results (module doc)."""
     from PIL import Image
 
-    from rloss.solver import parse_gpu_flag
+    from rloss.device import parse_gpu_flag
 
     device = parse_gpu_flag(args.gpu) if args.gpu else torch.device("cpu")
     paths = image_paths(args.image, args.images)

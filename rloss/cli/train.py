@@ -1,31 +1,18 @@
 """`python -m rloss.solve SOLVER [--weights W[,W2]] [--snapshot S] [--set VAR=VALUE ...] [--gpu ID]`:
-train one solver file, as `caffe.bin train --solver=SOLVER` does.
-
-Also home of the pieces both command lines share: the `train` command, `--set`/`--gpu` handling,
-and the rule that rloss errors end the program with one line `rloss: error: ...` and exit code 1.
-"""
+train one solver file, as `caffe.bin train --solver=SOLVER` does."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
-import torch
-
-from rloss.caffe_log import setup_logging
-from rloss.errors import RlossError
-from rloss.paths import parse_assignments
-from rloss.solver import SGDSolver, parse_gpu_flag
+from rloss.cli.common import add_set_flag, log_device, run
+from rloss.device import parse_gpu_flag
+from rloss.solver import SGDSolver
+from rloss.variables import parse_assignments
 
 log = logging.getLogger("rloss")
-
-
-def add_set_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", "-set", action="append", default=[], metavar="VAR=VALUE",
-                        help="value of a ${VAR} placeholder in the prototxt files (repeatable); taken before "
-                             "the environment and the run script's defaults")
 
 
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
@@ -65,31 +52,6 @@ def check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error("give --snapshot to resume training or --weights to finetune, not both")
 
 
-def log_device(device: torch.device) -> None:
-    if device.type == "cuda":
-        log.info("Use GPU with device ID %d", device.index or 0)
-    else:
-        log.info("Use CPU.")
-
-
-def run(command: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
-    """Run a command with the glog-style log on stderr; an rloss error (or an OS error on a user's
-    file) becomes one line `rloss: error: ...` and exit code 1."""
-    setup_logging()
-    try:
-        command(args)
-    except RlossError as error:
-        print(f"rloss: error: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:
-        print(f"rloss: error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("rloss: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rloss.solve",
                                      description="Train a Caffe solver file (caffe.bin train).")
@@ -99,6 +61,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_train_args(parser, args)
     return run(train, args)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

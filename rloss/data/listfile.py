@@ -10,6 +10,7 @@ we refuse it when the list is read, naming the line.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -57,12 +58,24 @@ def read_list(source: str, need_label: bool, who: str) -> list[ListEntry]:
     return entries
 
 
+@dataclass(frozen=True)
+class OrderState:
+    """Where a SampleOrder stands, enough to continue exactly: the current pass's permutation, the
+    cursor in it, the passes completed and the state dict of its generator's bit generator."""
+
+    order: np.ndarray
+    cursor: int
+    epoch: int
+    generator: dict[str, Any]
+
+
 class SampleOrder:
     """Which list entry each successive sample is, as Caffe's data layers walk the list.
 
     With `shuffle` the list is permuted at set-up and again every time the cursor wraps around;
     batches do not stop at the end of the list (a batch may straddle two epochs). `skip` is where
-    the cursor starts (Caffe's `rand_skip` draw), counted in the first permutation."""
+    the cursor starts (Caffe's `rand_skip` draw), counted in the first permutation. `rng` is also
+    the layer's source of per-sample seeds, so `state()` covers every draw the layer makes."""
 
     def __init__(self, count: int, shuffle: bool, rng: np.random.Generator, skip: int = 0):
         self.count = count
@@ -92,3 +105,13 @@ class SampleOrder:
                 self.epoch += 1
                 self.order = self._permutation()
         return taken
+
+    def state(self) -> OrderState:
+        """A snapshot of the position and the generator (later draws do not change it)."""
+        return OrderState(self.order.copy(), self.cursor, self.epoch, self.rng.bit_generator.state)
+
+    def set_state(self, state: OrderState) -> None:
+        """Continue from `state` (checked by the caller: a permutation of `count` entries)."""
+        self.order = np.array(state.order, dtype=np.int64)
+        self.cursor, self.epoch = state.cursor, state.epoch
+        self.rng.bit_generator.state = state.generator

@@ -1,7 +1,7 @@
 """Caffe's per-sample data transforms, exact to the bit.
 
-`transform_segmentation` is the DeepLab fork's image + label transform used by ImageSegData (spec
-2.10, steps 2-7): mirror drawn first, optional rescale by a random `scale_factors` entry (truncated
+`transform_segmentation` is the DeepLab fork's image + label transform used by ImageSegData, in
+the fork's order: mirror drawn first, optional rescale by a random `scale_factors` entry (truncated
 sizes, OpenCV bilinear image / nearest label), bottom/right padding to the crop with the mean colour
 and `ignore_label`, random (TRAIN) or centre (TEST) crop, `(pixel - mean) * scale` in float64,
 horizontal flip of data and label together.

@@ -112,8 +112,8 @@ class BatchNorm(Layer):
 
     def setup(self, bottom_shapes: list[Shape]) -> None:
         param, shape = self.param.batch_norm_param, bottom_shapes[0]
-        if len(shape) < 2:
-            raise self.error(f"needs a bottom with a channel axis, got shape {shape}")
+        if len(shape) < 2 or shape[1] < 1:
+            raise self.error(f"needs a bottom with a channel axis of at least one channel, got shape {shape}")
         self.use_global_stats = (
             param.use_global_stats if param.HasField("use_global_stats") else self.phase == caffe_pb2.TEST
         )

@@ -13,10 +13,10 @@ from typing import ClassVar, Sequence
 import torch
 from torch import nn
 
-from rloss.errors import LayerError
+from rloss.errors import LayerError, NetError
 from rloss.layers.fillers import fill
 from rloss.proto import caffe_pb2
-from rloss.proto.blob import blob_shape, blob_to_array, legacy_shape_matches
+from rloss.proto.blob import blob_shape, blob_to_array, legacy_shape_matches, shape_problem
 
 Shape = tuple[int, ...]
 
@@ -55,6 +55,7 @@ class Layer(nn.Module):
         if len(param.blobs) > len(self.blobs):
             raise self.error(f"the file gives {len(param.blobs)} parameter blobs, the layer has {len(self.blobs)}")
         self.top_shapes: list[Shape] = [tuple(s) for s in self.reshape(shapes)]
+        self.check_top_shapes(self.top_shapes)
         self.loss_weights: list[float] = self._loss_weights()
 
     # ---- to implement -------------------------------------------------------------------------
@@ -79,6 +80,7 @@ class Layer(nn.Module):
         (a net built from a .caffemodel), else filled by `filler` (None = constant 0)."""
         shape = tuple(int(d) for d in shape)
         index = len(self.blobs)
+        self.check_shape(shape, f"parameter blob {index}")
         if index < len(self.param.blobs):
             stored = self.param.blobs[index]
             if not legacy_shape_matches(stored, shape):
@@ -86,10 +88,25 @@ class Layer(nn.Module):
             values = blob_to_array(stored, f"layer '{self.name}' blob {index}")
             data = torch.from_numpy(values.reshape(shape).copy())
         else:
-            data = fill(shape, filler)
+            try:
+                data = fill(shape, filler)
+            except NetError as error:
+                raise self.error(f"parameter blob {index}: {error}") from None
         blob = nn.Parameter(data)
         self.blobs.append(blob)
         return blob
+
+    def check_shape(self, shape: Sequence[int], what: str, itemsize: int = 4) -> None:
+        """Refuse, before it is allocated, a blob that Caffe could not hold or this machine could not
+        allocate (`rloss.proto.blob.shape_problem`): an error naming the layer, not an allocator crash."""
+        problem = shape_problem(shape, itemsize)
+        if problem:
+            raise self.error(f"{what}: {problem}")
+
+    def check_top_shapes(self, shapes: Sequence[Sequence[int]]) -> None:
+        """`check_shape` for each top (a layer that allocates its tops early calls it before)."""
+        for index, shape in enumerate(shapes):
+            self.check_shape(shape, f"top {index}")
 
     def check_same_shape(self, bottom_shapes: list[Shape], first: int = 0, second: int = 1) -> None:
         if bottom_shapes[first] != bottom_shapes[second]:
@@ -97,6 +114,11 @@ class Layer(nn.Module):
                 f"bottoms {first} and {second} must have the same shape, got "
                 f"{bottom_shapes[first]} and {bottom_shapes[second]}"
             )
+
+    def check_not_empty(self, shape: Shape, first_axis: int = 0) -> None:
+        """Refuse a bottom with a 0 dim from `first_axis` on (for layers whose torch kernels take none)."""
+        if 0 in shape[first_axis:]:
+            raise self.error(f"needs a bottom whose dims from axis {first_axis} on are > 0, got shape {shape}")
 
     def check_axes(self, bottom_shapes: list[Shape], index: int, axes: int) -> None:
         if len(bottom_shapes[index]) != axes:

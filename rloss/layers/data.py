@@ -2,17 +2,21 @@
 
 Each one produces tensors on the device and in the float dtype of the layer (it follows
 `module.to(...)`), since it has no bottom to take them from.
+
+A layer that walks a dataset (`has_data_state`) tells where it stands with `data_state()` (a
+DataLayerState for the solver state) and continues from such a state with `load_data_state()`, so a
+resumed run reads the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 import torch
 
-from rloss.errors import DataError, NetError
+from rloss.errors import DataError, NetError, WeightsError
 from rloss.layers.base import Layer, Shape
 from rloss.layers.fillers import fill
 from rloss.layers.registry import register_layer
@@ -24,6 +28,7 @@ class SourceLayer(Layer):
 
     bottoms = (0, 0)
     tops = (1, None)
+    has_data_state: ClassVar[bool] = False
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int = caffe_pb2.TRAIN):
         super().__init__(param, bottom_shapes, phase)
@@ -42,6 +47,36 @@ class SourceLayer(Layer):
             raise self.error(f"give {what} once or once per top ({self.num_tops} tops), "
                              f"not {len(values)} times")
         return values
+
+    # ---- resume ---------------------------------------------------------------------------------
+    def data_state(self) -> caffe_pb2.DataLayerState | None:
+        """Where the layer stands in its data, for an exact resume (None: it has no position)."""
+        return None
+
+    def load_data_state(self, state: caffe_pb2.DataLayerState) -> None:
+        """Continue from `state`, a `data_state()` of a layer of this name and type."""
+        raise self.state_error("has no data state to restore")
+
+    def new_data_state(self, **fields) -> caffe_pb2.DataLayerState:
+        return caffe_pb2.DataLayerState(name=self.name, type=self.type_name, **fields)
+
+    def state_error(self, message: str) -> WeightsError:
+        return WeightsError(f"layer '{self.name}' (type {self.type_name}): {message}")
+
+    def saved_order(self, values: Sequence[int], count: int, what: str) -> np.ndarray:
+        """A saved permutation, refused unless it permutes exactly `count` entries (a state of
+        another list or dataset would otherwise read the wrong samples, or past the end)."""
+        order = np.array(list(values), dtype=np.uint64)
+        if len(order) != count or not np.array_equal(np.sort(order), np.arange(count, dtype=np.uint64)):
+            raise self.state_error(f"the saved {what} is not a permutation of its {count} entries "
+                                   f"({len(order)} values): a state of another list or dataset?")
+        return order.astype(np.int64)
+
+    def saved_index(self, value: int, limit: int, what: str) -> int:
+        """A saved position, refused beyond `limit`."""
+        if value > limit:
+            raise self.state_error(f"the saved {what} {value} is past the end ({limit})")
+        return int(value)
 
 
 def _dims(blob_shape, layer: Layer) -> Shape:
@@ -148,7 +183,10 @@ class HDF5Data(SourceLayer):
     `source` (paths relative to the working directory). Rows are taken in order (or a permutation
     when `shuffle`); a batch running past the end of a file continues in the next file, wrapping
     to the first; with `shuffle` the file order is redrawn at each wrap and the rows of a file each
-    time it is (re)started. Every file is loaded whole, as Caffe does."""
+    time it is (re)started. Every file is loaded whole, as Caffe does. Its shuffles draw from torch's
+    global generator, which the solver state saves beside this layer's position."""
+
+    has_data_state = True
 
     def setup(self, bottom_shapes: list[Shape]) -> None:
         hdf5 = self.param.hdf5_data_param
@@ -181,6 +219,20 @@ class HDF5Data(SourceLayer):
             remaining -= len(taken)
         return [self.place(np.concatenate(top_chunks)) for top_chunks in chunks]
 
+    def data_state(self) -> caffe_pb2.DataLayerState:
+        return self.new_data_state(cursor=self.row, order=self.row_order.tolist(), file_cursor=self.file_cursor,
+                                   file_order=self.file_order.tolist())
+
+    def load_data_state(self, state: caffe_pb2.DataLayerState) -> None:
+        """Reload the file `state` was in and continue at its row (nothing is drawn)."""
+        file_order = self.saved_order(state.file_order, len(self.files), f"file order of the list '{self.source}'")
+        file_cursor = self.saved_index(state.file_cursor, len(self.files) - 1, "file position")
+        arrays = self._read_file(int(file_order[file_cursor]))
+        where = f"row order of HDF5 file '{self.files[file_order[file_cursor]][0]}'"
+        row_order = self.saved_order(state.order, len(arrays[0]), where)
+        self.row = self.saved_index(state.cursor, len(row_order), "row")
+        self.file_order, self.file_cursor, self.arrays, self.row_order = file_order, file_cursor, arrays, row_order
+
     def _permutation(self, count: int) -> np.ndarray:
         if self.shuffle:
             return torch.randperm(count).numpy()
@@ -198,7 +250,12 @@ class HDF5Data(SourceLayer):
             self.row, self.row_order = 0, self._permutation(len(self.row_order))
 
     def _load_current_file(self) -> None:
-        name, line = self.files[self.file_order[self.file_cursor]]
+        self.arrays = self._read_file(self.file_order[self.file_cursor])
+        self.row, self.row_order = 0, self._permutation(len(self.arrays[0]))
+
+    def _read_file(self, index: int) -> list[np.ndarray]:
+        """The datasets of list entry `index`, whose samples must have the first file's shapes."""
+        name, line = self.files[index]
         where = f"HDF5 file '{name}' (line {line} of the list '{self.source}')"
         arrays = _read_datasets(self, name, where)
         shapes = [array.shape[1:] for array in arrays]
@@ -206,8 +263,7 @@ class HDF5Data(SourceLayer):
             raise _data_error(self, f"{where} has samples of shapes {shapes} for tops "
                                     f"{list(self.param.top)}, the first file had {self.sample_shapes}")
         self.sample_shapes = shapes
-        self.arrays = arrays
-        self.row, self.row_order = 0, self._permutation(len(arrays[0]))
+        return arrays
 
 
 def _read_datasets(layer: Layer, name: str, where: str) -> list[np.ndarray]:

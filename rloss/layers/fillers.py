@@ -34,10 +34,30 @@ def _bilinear(shape: tuple[int, ...]) -> torch.Tensor:
     return (axis[:, None] * axis[None, :]).to(torch.float32).expand(shape).clone()
 
 
+FLT_MAX = 3.4028234663852886e38
+KINDS = ("constant", "uniform", "gaussian", "positive_unitball", "xavier", "msra", "bilinear")
+
+
+def _check_filler(shape: tuple[int, ...], filler) -> None:
+    """Caffe's checks before filling (every filler but constant needs a non-empty blob), plus the
+    ranges torch's samplers need, so that a bad filler is an error naming it, not a torch crash."""
+    if filler.type not in KINDS:
+        raise NetError(f"unknown filler type '{filler.type}' (known: {', '.join(KINDS)})")
+    if filler.type != "constant" and math.prod(shape) == 0:
+        raise NetError(f"the {filler.type} filler needs a blob with at least one element, got shape {shape} "
+                       "(a bottom with 0 channels?)")
+    if filler.type == "gaussian" and not 0 <= filler.std <= FLT_MAX:
+        raise NetError(f"the gaussian filler needs a finite std >= 0, got std {filler.std}")
+    if filler.type == "uniform" and not -FLT_MAX <= filler.min <= filler.max <= filler.min + FLT_MAX:
+        raise NetError(f"the uniform filler needs finite min <= max with max - min <= {FLT_MAX:.7g}, "
+                       f"got min {filler.min} and max {filler.max}")
+
+
 def fill(shape: tuple[int, ...], filler=None) -> torch.Tensor:
     """A float32 tensor of `shape` filled as Caffe's filler `filler` would (None = constant 0)."""
     if filler is None:
         filler = caffe_pb2.FillerParameter()
+    _check_filler(shape, filler)
     kind = filler.type
     out = torch.empty(shape, dtype=torch.float32)
     if kind == "constant":
@@ -62,8 +82,4 @@ def fill(shape: tuple[int, ...], filler=None) -> torch.Tensor:
         return out.uniform_(-bound, bound)
     if kind == "msra":
         return out.normal_(0.0, math.sqrt(2.0 / _fan(shape, filler)))
-    if kind == "bilinear":
-        return _bilinear(shape)
-    raise NetError(
-        f"unknown filler type '{kind}' (known: constant, uniform, gaussian, positive_unitball, xavier, msra, bilinear)"
-    )
+    return _bilinear(shape)

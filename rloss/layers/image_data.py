@@ -7,7 +7,9 @@ wrap-around; optional random skip at the start), transform each sample as Caffe'
 (`rloss.data.prefetch`, 5 batches, as Caffe prefetches). Random numbers come from a generator seeded
 from torch's global RNG when the layer is built, so a solver's `random_seed` makes runs repeatable;
 Caffe's own random stream is not reproduced. `data_wait_seconds` is the total time `forward` has
-waited for data.
+waited for data. `data_state()` saves the position (order, cursor, generator) after the batches
+`forward` has returned, not the prefetcher's read-ahead position; `load_data_state()` restores it and
+restarts the prefetcher from there, so a resumed run reads exactly the batches of an uninterrupted one.
 
 Labels are read as raw 8-bit values; palette PNGs give their indices, where Caffe would read their
 luma values (see `rloss.data.imageio`).
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 
 from rloss.data.imageio import read_bgr, read_gray, read_label
-from rloss.data.listfile import ListEntry, SampleOrder, read_list
+from rloss.data.listfile import ListEntry, OrderState, SampleOrder, read_list
 from rloss.data.prefetch import Prefetcher
 from rloss.data.resize import resize_linear, resize_nearest
 from rloss.data.transform import TransformConfig, transform_image, transform_segmentation
@@ -135,10 +137,29 @@ def _planner(order: SampleOrder, rng: np.random.Generator, batch_size: int) -> C
     return plan
 
 
+def _generator_message(state: dict) -> caffe_pb2.PCG64State:
+    """A numpy PCG64 state dict as the schema's PCG64State."""
+    if state.get("bit_generator") != "PCG64":
+        raise ValueError(f"expected a PCG64 generator state, got {state.get('bit_generator')}")
+    inner = state["state"]
+    return caffe_pb2.PCG64State(state=inner["state"].to_bytes(16, "big"), increment=inner["inc"].to_bytes(16, "big"),
+                                has_uint32=bool(state["has_uint32"]), uinteger=int(state["uinteger"]))
+
+
+def _generator_state(message: caffe_pb2.PCG64State) -> dict | None:
+    """The PCG64 state dict of a PCG64State, or None when its numbers are not 128-bit."""
+    if len(message.state) != 16 or len(message.increment) != 16:
+        return None
+    return {"bit_generator": "PCG64",
+            "state": {"state": int.from_bytes(message.state, "big"), "inc": int.from_bytes(message.increment, "big")},
+            "has_uint32": int(message.has_uint32), "uinteger": int(message.uinteger)}
+
+
 class _ImageListLayer(SourceLayer):
     """What ImageSegData and ImageData share: parameters, list, sample order, prefetching, batching."""
 
     channels = 3
+    has_data_state = True
 
     def setup(self, bottom_shapes: list[Shape]) -> None:
         data_param = self.param.image_data_param
@@ -155,8 +176,10 @@ class _ImageListLayer(SourceLayer):
                                  self._skip(data_param.rand_skip, len(entries), rng))
         self.reader = self.make_reader(entries, self._transform_config(), self._new_size(data_param))
         self.sample_shapes = self.first_sample_shapes(entries[self.order.peek()])
+        self.check_top_shapes(self.reshape(bottom_shapes))  # before the loaders allocate batches
         self.prefetcher = Prefetcher(_planner(self.order, rng, self.batch_size), self.reader,
-                                     depth=PREFETCH_BATCHES, name=f"rloss-data-{self.name}")
+                                     depth=PREFETCH_BATCHES, name=f"rloss-data-{self.name}",
+                                     capture=self.order.state)
         self._stop_workers = weakref.finalize(self, self.prefetcher.close)
 
     # ---- for subclasses ---------------------------------------------------------------------------
@@ -182,6 +205,23 @@ class _ImageListLayer(SourceLayer):
         samples: list[Sample] = self.prefetcher.next()
         tops = [self._stack([sample.arrays[i] for sample in samples], samples) for i in range(self.num_tops)]
         return [self.place(top) for top in tops]
+
+    def data_state(self) -> caffe_pb2.DataLayerState:
+        """The position after the batches `forward` has returned (the read-ahead is not counted)."""
+        position: OrderState = self.prefetcher.consumed_state()
+        return self.new_data_state(epoch=position.epoch, cursor=position.cursor, order=position.order.tolist(),
+                                   generator=_generator_message(position.generator))
+
+    def load_data_state(self, state: caffe_pb2.DataLayerState) -> None:
+        """Continue after the batches `state` counts: the batches read ahead are dropped and the
+        prefetcher plans again from the restored order and generator."""
+        order = self.saved_order(state.order, self.order.count, f"sample order of the list '{self.source}'")
+        cursor = self.saved_index(state.cursor, self.order.count - 1, "list position")
+        generator = _generator_state(state.generator)
+        if generator is None:
+            raise self.state_error("the saved state has no valid PCG64 generator (16-byte state and increment)")
+        self.order.set_state(OrderState(order, cursor, int(state.epoch), generator))
+        self.prefetcher.restart()
 
     @property
     def data_wait_seconds(self) -> float:
@@ -218,6 +258,8 @@ class _ImageListLayer(SourceLayer):
         height, width = int(data_param.new_height), int(data_param.new_width)
         if (height > 0) != (width > 0):
             raise self.error(f"give both new_height and new_width or neither, got {height} and {width}")
+        if height:  # before an image is resized to it
+            self.check_shape((self.batch_size, self.channels, height, width), "new_height x new_width")
         return (height, width) if height else None
 
     def _crop(self, transform) -> tuple[int, int] | None:

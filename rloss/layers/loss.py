@@ -181,6 +181,9 @@ class SegAccuracy(Layer):
         self.ignore_labels = frozenset(int(v) for v in seg_param.ignore_label)
         self.reset = bool(seg_param.reset)
         self.num_classes = bottom_shapes[0][1]
+        if self.num_classes < 1:
+            raise self.error(f"the scores {bottom_shapes[0]} need at least one class (channel)")
+        self.check_shape((self.num_classes, self.num_classes), "the confusion matrix", itemsize=8)
         self.register_buffer(
             "confusion", torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64), persistent=False
         )

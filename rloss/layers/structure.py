@@ -297,9 +297,7 @@ class Reshape(Layer):
         return start, end
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        start, end = self._replaced_axes(tuple(x.shape))
-        dims = [x.shape[start + i] if d == 0 else d for i, d in enumerate(self.new_dims)]
-        return [x.reshape(*x.shape[:start], *dims, *x.shape[end:])]
+        return [x.reshape(self.reshape([tuple(x.shape)])[0])]  # explicit dims: torch cannot infer -1 for 0 values
 
 
 # ---- Silence / ArgMax ---------------------------------------------------------------------------
@@ -334,6 +332,8 @@ class ArgMax(Layer):
 
     def setup(self, bottom_shapes: list[Shape]) -> None:
         param, shape = self.param.argmax_param, bottom_shapes[0]
+        if not shape:
+            raise self.error("needs a bottom with at least one axis, got a scalar")
         self.top_k = int(param.top_k)
         self.out_max_val = param.out_max_val
         self.axis = canonical_axis(self, param.axis, shape) if param.HasField("axis") else None
@@ -354,7 +354,7 @@ class ArgMax(Layer):
         if self.axis is not None:
             values, indices = top_k_larger_index_first(x, self.axis, self.top_k)
             return [values if self.out_max_val else indices.to(x.dtype)]
-        values, indices = top_k_larger_index_first(x.reshape(x.shape[0], -1), 1, self.top_k)
+        values, indices = top_k_larger_index_first(x.reshape(x.shape[0], math.prod(x.shape[1:])), 1, self.top_k)
         rows = [indices.to(x.dtype), values] if self.out_max_val else [indices.to(x.dtype)]
         top = torch.stack(rows, dim=1)
         return [top.reshape(top.shape + (1,) * (max(x.dim(), 3) - 3))]

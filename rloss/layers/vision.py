@@ -94,6 +94,7 @@ class _ConvolutionBase(Layer):
             raise self.error(
                 f"only 2-D convolution of 4-D blobs (N, C, H, W) is supported, bottom {index} is {shape}"
             )
+        self.check_not_empty(shape, first_axis=1)
 
     def reshape(self, bottom_shapes: list[Shape]) -> list[Shape]:
         for index, shape in enumerate(bottom_shapes):
@@ -299,27 +300,32 @@ class Pooling(Layer):
         if self.kernel is not None and (self.pad[0] >= self.kernel[0] or self.pad[1] >= self.kernel[1]):
             raise self.error(f"pad {self.pad} must be smaller than the kernel {self.kernel}")
 
-    def _geometry(self, shape: Shape) -> tuple[Pair, Pair]:
-        """(kernel, output size) for a bottom of `shape`."""
+    def _geometry(self, shape: Shape) -> tuple[Pair, Pair, Pair]:
+        """(kernel, stride, output size) for a bottom of `shape`. The stride is capped at image + pad:
+        windows starting past the image hold no pixel whatever the stride, so the cap changes no value
+        but keeps the input padded to the last window small. That padded input must be a possible blob."""
         if len(shape) != 4:
             raise self.error(f"needs a 4-D bottom (N, C, H, W), got shape {shape}")
+        self.check_not_empty(shape, first_axis=1)
         size = (shape[2], shape[3])
         kernel = size if self.kernel is None else self.kernel
         out = tuple(pool_out(n, k, s, p) for n, k, s, p in zip(size, kernel, self.stride, self.pad))
         if min(out) <= 0:
             raise self.error(f"kernel {kernel} is larger than the input {shape} padded by {self.pad}")
-        return kernel, out
+        stride = tuple(min(s, n + p) for s, n, p in zip(self.stride, size, self.pad))
+        padded = tuple((o - 1) * s + k for o, s, k in zip(out, stride, kernel))
+        self.check_shape((*shape[:2], *padded), f"the input padded for kernel {kernel} and pad {self.pad}")
+        return kernel, stride, out
 
     def reshape(self, bottom_shapes: list[Shape]) -> list[Shape]:
-        n, c = bottom_shapes[0][:2]
-        _, out = self._geometry(bottom_shapes[0])
-        return [(n, c, *out)] * self.num_tops
+        _, _, out = self._geometry(bottom_shapes[0])
+        return [(*bottom_shapes[0][:2], *out)] * self.num_tops
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
-        kernel, out = self._geometry(tuple(x.shape))
+        kernel, stride, out = self._geometry(tuple(x.shape))
         if self.method == caffe_pb2.PoolingParameter.AVE:
-            return [_ave_pool(x, kernel, self.stride, self.pad, out)]
-        y, mask = _max_pool(x, kernel, self.stride, self.pad, out, self.num_tops == 2)
+            return [_ave_pool(x, kernel, stride, self.pad, out)]
+        y, mask = _max_pool(x, kernel, stride, self.pad, out, self.num_tops == 2)
         return [y] if mask is None else [y, mask]
 
 
@@ -381,6 +387,7 @@ class Interp(Layer):
         """(cropped size, output size) for a bottom of `shape`."""
         if len(shape) != 4:
             raise self.error(f"needs a 4-D bottom (N, C, H, W), got shape {shape}")
+        self.check_not_empty(shape)
         crop = self.pad_beg + self.pad_end
         cropped = (shape[2] + crop, shape[3] + crop)
         if min(cropped) <= 0:

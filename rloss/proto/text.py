@@ -21,6 +21,7 @@ from rloss.proto.upgrade import (
     upgrade_solver,
     upgrade_v1_net,
 )
+from rloss.variables import how_to_set
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -41,9 +42,11 @@ def split_comment(line: str) -> tuple[str, str]:
 
 def expand_variables(text: str, path: PathLike, values: Mapping[str, object] | None = None,
                      defaults: Mapping[str, object] | None = None) -> str:
-    """Replace each `${NAME}` outside comments by its value: from `values` (e.g. `--set NAME=...`),
-    else the environment, else `defaults`. Comments are left as they are (the reference files keep
-    unresolvable placeholders in commented-out blocks). A placeholder without a value is an error."""
+    """Replace each `${NAME}` outside comments by its value: from `values` (merged once by
+    `rloss.variables.variable_values`: `--set`, then the run script's variables from the environment),
+    else `defaults`. This never reads the environment itself. Comments are left as they are (the
+    reference files keep unresolvable placeholders in commented-out blocks). A placeholder without a
+    value is an error."""
     lookup = _VariableLookup(values or {}, defaults or {})
     lines = text.split("\n")
     missing: dict[str, tuple[int, int]] = {}
@@ -57,13 +60,13 @@ def expand_variables(text: str, path: PathLike, values: Mapping[str, object] | N
 
 
 class _VariableLookup:
-    """values, then the environment, then defaults."""
+    """values, then defaults."""
 
     def __init__(self, values: Mapping[str, object], defaults: Mapping[str, object]):
         self.values, self.defaults = values, defaults
 
     def get(self, name: str) -> str | None:
-        for source in (self.values, os.environ, self.defaults):
+        for source in (self.values, self.defaults):
             if name in source:
                 return str(source[name])
         return None
@@ -93,8 +96,7 @@ def _expand_code(code: str, lookup: _VariableLookup, missing: dict[str, tuple[in
 
 def _missing_error(missing: dict[str, tuple[int, int]], path: PathLike) -> VariableError:
     name, (line, column) = next(iter(missing.items()))
-    message = (f"{path}:{line}:{column}: ${{{name}}} has no value; set it with --set {name}=<value> "
-               f"or the environment variable {name}")
+    message = f"{path}:{line}:{column}: ${{{name}}} has no value; {how_to_set(name)}"
     if len(missing) > 1:
         others = ", ".join(f"${{{n}}} (line {ln})" for n, (ln, _) in list(missing.items())[1:])
         message += f" (also without a value: {others})"
@@ -204,10 +206,25 @@ def _describe_parse_error(error: text_format.ParseError, parsed: str, shown: str
     what = what.removeprefix(f"'{_line(parsed, line)}': ")
     source = _line(shown, line)
     column = column or 1
-    caret = "".join(c if c == "\t" else " " for c in source[:column - 1]) + "^"
-    message = f"{path}:{line}:{column}: {what}\n    {source.rstrip()}\n    {caret}"
     hint = _hint(what, source[:column - 1])
+    quoted, at = _around(source.rstrip(), column - 1)
+    caret = "".join(c if c == "\t" else " " for c in quoted[:at]) + "^"
+    message = f"{path}:{line}:{column}: {what}\n    {quoted}\n    {caret}"
     return f"{message}\n  hint: {hint}" if hint else message
+
+
+QUOTE_CHARS = 120
+
+
+def _around(source: str, index: int) -> tuple[str, int]:
+    """The part of a source line quoted in an error (at most about QUOTE_CHARS characters around
+    `index`, "..." where cut: a one-line 200 KB file must not make a 200 KB message) and where
+    `index` falls in it."""
+    start = max(0, min(index - QUOTE_CHARS // 2, max(len(source), index + 1) - QUOTE_CHARS))
+    end = start + QUOTE_CHARS
+    head = "..." if start > 0 else ""
+    tail = "..." if end < len(source) else ""
+    return head + source[start:end] + tail, index - start + len(head)
 
 
 def _line(text: str, number: int) -> str:

@@ -1,0 +1,70 @@
+"""What every command line shares: `--set`, loading the --model net, the device line of the log, and
+the rule that rloss errors end the program with one line `rloss: error: ...` and exit code 1."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rloss.caffe_log import setup_logging
+from rloss.device import parse_gpu_flag
+from rloss.errors import NetError, RlossError
+from rloss.net import Net
+from rloss.paths import anchors_of, resolve_net_file, resolve_net_paths
+from rloss.proto import caffe_pb2
+from rloss.proto.text import read_net
+from rloss.solver_files import build_net
+from rloss.variables import parse_assignments, variable_values
+
+log = logging.getLogger("rloss")
+
+
+def add_set_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", "-set", action="append", default=[], metavar="VAR=VALUE",
+                        help="value of a ${VAR} placeholder in the prototxt files (repeatable); taken before "
+                             "the environment and the run script's defaults")
+
+
+def load_model(args: argparse.Namespace, phase: int) -> Net:
+    """The --model net for `phase`, with `${VAR}`s expanded, on the --gpu device (CPU by default)."""
+    sets = parse_assignments(args.set)
+    values, defaults = variable_values(sets, Path(args.model))
+    path = resolve_net_file(args.model, [], values, defaults)
+    if not path.exists():
+        raise NetError(f"model file '{args.model}' does not exist")
+    device = parse_gpu_flag(args.gpu) if args.gpu else torch.device("cpu")
+    log_device(device)
+    net_param = read_net(path, values=values, defaults=defaults)
+    for written, used in resolve_net_paths(net_param, anchors_of(path)):
+        log.info("Using %s for %s", used, written)
+    return build_net(net_param, phase, caffe_pb2.NetState(), str(path)).to(device)
+
+
+def log_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        log.info("Use GPU with device ID %d", device.index or 0)
+    else:
+        log.info("Use CPU.")
+
+
+def run(command: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
+    """Run a command with the glog-style log on stderr; an rloss error (or an OS error on a user's
+    file) becomes one line `rloss: error: ...` and exit code 1."""
+    setup_logging()
+    try:
+        command(args)
+    except RlossError as error:
+        print(f"rloss: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"rloss: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("rloss: interrupted", file=sys.stderr)
+        return 130
+    return 0
