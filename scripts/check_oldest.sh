@@ -4,7 +4,15 @@
 # protobuf 5.29 (the release line whose descriptors have neither `is_repeated` nor a removed `label`).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-python=${OLDEST_PYTHON:-$(command -v python3.9 || echo "$HOME/.pyenv/versions/3.9.18/bin/python")}
+python=${OLDEST_PYTHON:-}
+if [ -z "$python" ]; then  # the first Python 3.9 that runs (a pyenv shim may exist and fail)
+  for candidate in "$HOME"/.pyenv/versions/3.9*/bin/python python3.9; do
+    if "$candidate" -c "import sys; assert sys.version_info[:2] == (3, 9)" >/dev/null 2>&1; then
+      python=$candidate; break
+    fi
+  done
+fi
+[ -n "$python" ] || { echo "check_oldest: no Python 3.9 found; set OLDEST_PYTHON" >&2; exit 1; }
 venv=$(mktemp -d)/venv
 trap 'rm -rf "$(dirname "$venv")"' EXIT
 "$python" -m venv "$venv"
