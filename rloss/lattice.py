@@ -1,4 +1,4 @@
-"""Permutohedral lattice filtering with the numerics of the DeepLab/rloss Caffe fork (spec 7.3).
+"""Permutohedral lattice filtering with the numerics of the DeepLab/rloss Caffe fork.
 
 The C++ extension `rloss._lattice` builds the lattice of an image once and filters all K channels in
 one pass (bit-identical to filtering them one at a time like the original, but much faster), in
@@ -267,8 +267,8 @@ def bilateral_filter(
     """Bilateral lattice filter of a batch: image (B, C, H, W), values (B, K, H, W) -> (B, K, H, W).
 
     Features are (x/sigma_xy, y/sigma_xy, c_0/sigma_rgb, ..., c_{C-1}/sigma_rgb) with x the column
-    and y the row (spec 2.15 step 2; the colour order is whatever `image` holds). One lattice per
-    image filters all K channels at once. `mask` (B, H, W), when given, multiplies the values before
+    and y the row, each divided by its sigma in float32 (the colour order is whatever `image` holds).
+    One lattice per image filters all K channels at once. `mask` (B, H, W), when given, multiplies the values before
     filtering (the DenseCRF loss's S * m) and, with `mask_output`, the result too; `roi_from_image`
     uses `caffe_roi_mask(image)` as that mask, computed on the fly in C++ (cheaper than a tensor).
     `out` may be a preallocated (B, K, H, W) float32 buffer. `sse_pad` reproduces the original SSE
@@ -282,7 +282,7 @@ def bilateral_filter(
 
 
 class DenseCRFLossTerms:
-    """The lattice half of the DenseCRF loss of one batch (spec 2.15), split as autograd calls it.
+    """The lattice half of the DenseCRF loss of one batch, -(1/N) sum <m S, A(m S)>, split as autograd calls it.
 
     `energy(S)` builds one lattice per image, spreads x = m S (m = `mask`, or the fork's mask of
     the image when None) and returns <x_c, (A x)_c> per image and class as a (B, K) float64 tensor,

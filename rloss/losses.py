@@ -2,9 +2,9 @@
 
 One implementation, two faces: `DenseCRFLossFunction` computes the relaxed Potts energy
 `-(1/N) sum_n sum_c <m S_c, A(m S_c)>` with the fork's unnormalised permutohedral filter A and back-
-propagates the fork's rule `-(2/N) A(m S) * m` (spec 2.15). The Caffe layer (`rloss.layers.crf`) feeds it
+propagates the fork's rule `-(2/N) A(m S) * m`. The Caffe layer (`rloss.layers.crf`) feeds it
 the mean-subtracted BGR data blob and the mask derived from it; the `DenseCRFLoss` module below feeds it
-what the PyTorch port does (spec 7.1): RGB images, an explicit ROI and optional down-scaling.
+what the PyTorch port does: RGB images, an explicit ROI and optional down-scaling.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class DenseCRFLossFunction(torch.autograd.Function):
     """loss = -(1/N) sum_{n,c} <m S_c, A(m S_c)>, gradient -(2/N) A(m S) * m.
 
     The backward is the fork's rule, not the autograd derivative of the forward: it equals the true
-    gradient only for a symmetric A, and the lattice is only approximately symmetric (spec 2.15).
+    gradient only for a symmetric A, and the lattice is only approximately symmetric.
     `terms` keeps what forward computed (for the lattice: the blurred lattice values), so backward is
     a single slice. The loss and the gradient go back to the segmentation's device and floating dtype.
     """
@@ -100,7 +100,7 @@ def _module_error(message: str) -> RlossError:
 
 
 class DenseCRFLoss(nn.Module):
-    """The PyTorch port's DenseCRFLoss(weight, sigma_rgb, sigma_xy, scale_factor) (spec 7.1).
+    """The PyTorch port's DenseCRFLoss(weight, sigma_rgb, sigma_xy, scale_factor).
 
     `loss(images, segmentations, rois)`: images (N,3,H,W) RGB in [0, 255] (the de-normalised network
     input), segmentations (N,K,H,W) softmax probabilities, rois (N,H,W) region-of-interest mask (1 =

@@ -1,5 +1,5 @@
-"""DenseCRF layers: the regularised loss `DenseCRFLoss` (spec 2.15) and mean-field inference `DenseCRF`
-(spec 2.16), both on the fork's permutohedral lattice (`rloss.lattice`)."""
+"""DenseCRF layers: the regularised loss `DenseCRFLoss` and mean-field inference `DenseCRF`,
+both on the fork's permutohedral lattice (`rloss.lattice`)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class DenseCRFLoss(Layer):
     truncate to 0 are padding) and A the unnormalised bilateral lattice filter with features
     (x/bi_xy_std, y/bi_xy_std, B/bi_rgb_std, G/bi_rgb_std, R/bi_rgb_std).
 
-    Backward is the fork's -(2/N) A(m S) m, not autograd's (spec 2.15); no gradient reaches the image.
+    Backward is the fork's -(2/N) A(m S) m, not autograd's; no gradient reaches the image.
     Like the fork the layer has no default loss weight. Unlike the fork, which froze N, H, W at set-up
     and never compared the two bottoms, N is read from the bottoms at every forward and the image and
     the segmentation must agree in N, H and W.
@@ -91,7 +91,7 @@ class _Kernel:
 
 @register_layer("DenseCRF")
 class DenseCRF(Layer):
-    """Mean-field inference of a fully connected CRF (spec 2.16) over bottoms [unary scores (N,M,Hp,Wp),
+    """Mean-field inference of a fully connected CRF over bottoms [unary scores (N,M,Hp,Wp),
     data_dim (N,1,1,2) = (height, width) of each image, optional image (N,3,Hp,Wp) mean-subtracted BGR].
 
     Per image, on its top-left min(Hp, height) x min(Wp, width) region: Q = softmax(score), then
