@@ -31,8 +31,8 @@ class SolverFiles:
         self.source = "<SolverParameter>" if isinstance(solver, caffe_pb2.SolverParameter) else str(solver)
         self.file = None if isinstance(solver, caffe_pb2.SolverParameter) else Path(solver)
         self.values, self.defaults = variable_values(values or {}, self.file, environ)
-        self.anchors = anchors_of(self.file)
         self.param = self._read_param(solver)
+        self.anchors = anchors_of(self.file)
         self._check_param()
 
     def _read_param(self, solver):
@@ -45,7 +45,6 @@ class SolverFiles:
         if path != Path(solver):
             log.info("Using %s for %s", path, solver)
         self.file = path
-        self.anchors = anchors_of(path)
         return read_solver(path, self.values, self.defaults)
 
     def _check_param(self) -> None:
@@ -138,12 +137,17 @@ class SolverFiles:
         return self._located(read_net(path, values=self.values, defaults=self.defaults))
 
     def _located(self, net_param):
-        """A copy of the net with its relative input paths found as rloss.paths describes."""
-        located = caffe_pb2.NetParameter()
-        located.CopyFrom(net_param)
-        for written, used in resolve_net_paths(located, self.anchors):
-            log.info("Using %s for %s", used, written)
-        return located
+        return located(net_param, self.anchors)
+
+
+def located(net_param, anchors) -> caffe_pb2.NetParameter:
+    """A copy of the net with its relative input paths found under `anchors` as rloss.paths
+    describes, each change logged."""
+    copy = caffe_pb2.NetParameter()
+    copy.CopyFrom(net_param)
+    for written, used in resolve_net_paths(copy, anchors):
+        log.info("Using %s for %s", used, written)
+    return copy
 
 
 def build_net(net_param, phase: int, solver_state, source: str) -> Net:

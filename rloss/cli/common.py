@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -15,10 +15,10 @@ from rloss.caffe_log import setup_logging
 from rloss.device import parse_gpu_flag
 from rloss.errors import NetError, RlossError
 from rloss.net import Net
-from rloss.paths import anchors_of, resolve_net_file, resolve_net_paths
+from rloss.paths import anchors_of, resolve_net_file
 from rloss.proto import caffe_pb2
 from rloss.proto.text import read_net
-from rloss.solver_files import build_net
+from rloss.solver_files import build_net, located
 from rloss.variables import parse_assignments, variable_values
 
 log = logging.getLogger("rloss")
@@ -30,18 +30,22 @@ def add_set_flag(parser: argparse.ArgumentParser) -> None:
                              "the environment and the run script's defaults")
 
 
-def load_model(args: argparse.Namespace, phase: int) -> Net:
-    """The --model net for `phase`, with `${VAR}`s expanded, on the --gpu device (CPU by default)."""
-    sets = parse_assignments(args.set)
-    values, defaults = variable_values(sets, Path(args.model))
-    path = resolve_net_file(args.model, [], values, defaults)
+def read_model(model: str, sets: Mapping[str, str], phase: int | None = None) -> tuple[Path, caffe_pb2.NetParameter]:
+    """The --model file (found as rloss.paths says, its sed template too) and its net, with `${VAR}`s
+    from --set, the environment and the run script's defaults; filtered for `phase` when given."""
+    values, defaults = variable_values(sets, Path(model))
+    path = resolve_net_file(model, [], values, defaults)
     if not path.exists():
-        raise NetError(f"model file '{args.model}' does not exist")
+        raise NetError(f"model file '{model}' does not exist")
+    return path, read_net(path, phase, values=values, defaults=defaults)
+
+
+def load_model(args: argparse.Namespace, phase: int) -> Net:
+    """The --model net for `phase`, its input paths located, on the --gpu device (CPU by default)."""
+    path, net_param = read_model(args.model, parse_assignments(args.set))
     device = parse_gpu_flag(args.gpu) if args.gpu else torch.device("cpu")
     log_device(device)
-    net_param = read_net(path, values=values, defaults=defaults)
-    for written, used in resolve_net_paths(net_param, anchors_of(path)):
-        log.info("Using %s for %s", used, written)
+    net_param = located(net_param, anchors_of(path))
     return build_net(net_param, phase, caffe_pb2.NetState(), str(path)).to(device)
 
 

@@ -38,15 +38,15 @@ import torch
 import torch.nn.functional as F
 from google.protobuf import text_format
 
+from rloss.cli.common import read_model
 from rloss.errors import DataError, NetError, ProtoError
 from rloss.layers.registry import layer_class
 from rloss.metrics import predict_labels
 from rloss.net import Net
 from rloss.palette import VOC_PALETTE, write_label_png
-from rloss.paths import resolve_net_file
 from rloss.proto import caffe_pb2
-from rloss.proto.text import read_net, read_text
-from rloss.variables import parse_assignments, variable_values
+from rloss.proto.text import read_text
+from rloss.variables import parse_assignments
 
 log = logging.getLogger("rloss")
 
@@ -217,13 +217,8 @@ class Segmenter:
     def __init__(self, model: str, weights: Sequence[str], sets: dict[str, str] | None = None,
                  score_blob: str = "", crf: caffe_pb2.DenseCRFParameter | None = None,
                  device: torch.device | None = None):
-        values, defaults = variable_values(sets or {}, Path(model))
-        path = resolve_net_file(model, [], values, defaults)
-        if not path.exists():
-            raise NetError(f"model file '{model}' does not exist")
-        self.model_path = path
-        self.model_text = read_text(path)
-        self.net_param = read_net(path, caffe_pb2.TEST, values=values, defaults=defaults)
+        self.model_path, self.net_param = read_model(model, sets or {}, caffe_pb2.TEST)
+        self.model_text = read_text(self.model_path)
         self.weights = list(weights)
         self.requested_score_blob = score_blob
         self.crf_param = crf
