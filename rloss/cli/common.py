@@ -14,6 +14,7 @@ import torch
 from rloss.caffe_log import setup_logging
 from rloss.device import parse_gpu_flag
 from rloss.errors import NetError, RlossError
+from rloss.layers import Layer
 from rloss.net import Net
 from rloss.paths import anchors_of, resolve_net_file
 from rloss.proto import caffe_pb2
@@ -47,6 +48,23 @@ def load_model(args: argparse.Namespace, phase: int) -> Net:
     log_device(device)
     net_param = located(net_param, anchors_of(path))
     return build_net(net_param, phase, caffe_pb2.NetState(), str(path)).to(device)
+
+
+def accuracy_layer(net: Net) -> Layer | None:
+    """The net's first SegAccuracy layer: its bottoms name the scores and the labels it evaluates."""
+    return next((layer for layer in net.layers if layer.param.type == "SegAccuracy"), None)
+
+
+def prediction_blob(net: Net, requested: str) -> str:
+    """The blob whose channel argmax is the prediction: --score_blob (which must exist), else the
+    scores the SegAccuracy layer reads, else '' (the net names none)."""
+    if requested:
+        if requested not in net.blob_shapes:
+            known = ", ".join(sorted(n for n in net.blob_shapes if not n.startswith("(")))
+            raise NetError(f"--score_blob={requested}: the net has no blob '{requested}' (blobs: {known})")
+        return requested
+    accuracy = accuracy_layer(net)
+    return net.layer_bottoms(accuracy.name)[0] if accuracy is not None else ""
 
 
 def log_device(device: torch.device) -> None:

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from rloss.caffe_log import caffe_float, caffe_number, loss_suffix
-from rloss.cli.common import load_model
+from rloss.cli.common import accuracy_layer, load_model, prediction_blob
 from rloss.data.listfile import read_list
-from rloss.errors import DataError, NetError, RlossError
+from rloss.errors import DataError, RlossError
 from rloss.metrics import (
     class_iou,
     confusion_matrix,
@@ -38,16 +38,13 @@ class Evaluation:
     """A confusion matrix over the run, from the scores blob (the one feeding the SegAccuracy layer
     unless --score_blob names another) and the label blob, and optional PNGs of the predictions."""
 
-    def __init__(self, net: Net, score_blob: str, output_dir: str):
+    def __init__(self, net: Net, requested_score_blob: str, output_dir: str):
         self.net = net
-        accuracy = next((layer for layer in net.layers if layer.param.type == "SegAccuracy"), None)
+        accuracy = accuracy_layer(net)
         bottoms = net.layer_bottoms(accuracy.name) if accuracy is not None else []
-        self.score_blob = score_blob or (bottoms[0] if bottoms else "")
+        self.score_blob = prediction_blob(net, requested_score_blob)
         self.label_blob = bottoms[1] if bottoms else ("label" if "label" in net.blob_shapes else "")
         self.ignore = list(accuracy.param.seg_accuracy_param.ignore_label) if accuracy is not None else [255]
-        if self.score_blob and self.score_blob not in net.blob_shapes:
-            known = ", ".join(sorted(n for n in net.blob_shapes if not n.startswith("(")))
-            raise NetError(f"--score_blob={self.score_blob}: the net has no such blob (blobs: {known})")
         self.output_dir = Path(output_dir) if output_dir else None
         if self.output_dir is not None:
             self.output_dir.mkdir(parents=True, exist_ok=True)

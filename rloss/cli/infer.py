@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from google.protobuf import text_format
 
-from rloss.cli.common import read_model
+from rloss.cli.common import prediction_blob, read_model
 from rloss.errors import DataError, NetError, ProtoError
 from rloss.layers.registry import layer_class
 from rloss.metrics import predict_labels
@@ -240,15 +240,10 @@ class Segmenter:
 
     def score_blob(self, net: Net) -> str:
         """--score_blob, else the scores the net's SegAccuracy layer reads."""
-        if self.requested_score_blob:
-            if self.requested_score_blob not in net.blob_shapes:
-                known = ", ".join(n for n in net.blob_shapes if not n.startswith("("))
-                raise NetError(f"--score_blob: the net has no blob '{self.requested_score_blob}' (blobs: {known})")
-            return self.requested_score_blob
-        accuracy = next((layer for layer in net.layers if layer.param.type == "SegAccuracy"), None)
-        if accuracy is None:
+        name = prediction_blob(net, self.requested_score_blob)
+        if not name:
             raise NetError(f"{self.model_path}: no SegAccuracy layer names the scores; give --score_blob")
-        return net.layer_bottoms(accuracy.name)[0]
+        return name
 
     def segment(self, paths: Sequence[Path]) -> Iterator[Segmentation]:
         """Segment the images in order (one forward each)."""
