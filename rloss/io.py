@@ -9,14 +9,14 @@ import re
 import secrets
 from contextlib import suppress
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Mapping, Sequence, Union
 
 import numpy as np
 from google.protobuf.message import DecodeError, EncodeError
 
 from rloss.errors import ProtoError, WeightsError
 from rloss.proto import caffe_pb2
-from rloss.proto.blob import array_to_blob, blob_shape, shape_problem
+from rloss.proto.blob import array_to_blob, blob_shape, blob_to_array, shape_problem
 from rloss.proto.compat import has_unknown_fields, is_repeated
 from rloss.proto.upgrade import upgrade_v1_net
 
@@ -142,11 +142,11 @@ def _check_blobs(blobs, where: str) -> None:
 
 # ---- HDF5 -------------------------------------------------------------------------------------------
 
-def _h5py():
+def _h5py(purpose: str = "reading .h5 files"):
     try:
         import h5py
     except ImportError:
-        raise WeightsError("reading .h5 files needs the h5py package: pip install h5py") from None
+        raise WeightsError(f"{purpose} needs the h5py package: pip install h5py") from None
     return h5py
 
 
@@ -282,3 +282,58 @@ def _fsync(target: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+# ---- HDF5 writing -----------------------------------------------------------------------------------
+
+HDF5_SNAPSHOTS = "snapshot_format: HDF5 (the default BINARYPROTO needs nothing more)"
+# per layer name: (blob index, values, diff or None) for each blob the layer owns
+LayerArrays = Mapping[str, Sequence[tuple[int, np.ndarray, Union[np.ndarray, None]]]]
+
+
+def write_hdf5_model(layers: LayerArrays, path: PathLike, with_diff: bool) -> None:
+    """Caffe's HDF5 model: data/<layer>/<i> for every blob a layer owns (and diff/<layer>/<i> if asked;
+    a blob shared with an earlier layer is written there only)."""
+
+    def fill(handle) -> None:
+        data = handle.create_group("data")
+        diff = handle.create_group("diff") if with_diff else None
+        for name, blobs in layers.items():
+            group = data.require_group(name)
+            diff_group = diff.require_group(name) if diff is not None else None
+            for index, values, gradient in blobs:
+                group.create_dataset(str(index), data=values)
+                if diff_group is not None:
+                    diff_group.create_dataset(str(index), data=gradient)
+
+    _write_h5_atomic(path, fill)
+
+
+def write_hdf5_state(state, path: PathLike) -> None:
+    """Caffe's HDF5 solver state: iter, learned_net, current_step and history/<i>, plus rloss's
+    ResumeState as the bytes of dataset rloss_resume (Caffe ignores it)."""
+
+    def fill(handle) -> None:
+        handle.create_dataset("iter", data=np.int32(state.iter))
+        handle.create_dataset("learned_net", data=state.learned_net.encode())
+        handle.create_dataset("current_step", data=np.int32(state.current_step))
+        history = handle.create_group("history")
+        for i, blob in enumerate(state.history):
+            history.create_dataset(str(i), data=blob_to_array(blob, f"history {i}"))
+        if state.HasField("resume"):
+            handle.create_dataset("rloss_resume", data=np.frombuffer(state.resume.SerializeToString(), np.uint8))
+
+    _write_h5_atomic(path, fill)
+
+
+def _write_h5_atomic(path: PathLike, fill: Callable) -> None:
+    h5py = _h5py(HDF5_SNAPSHOTS)
+
+    def write(temporary: Path) -> None:
+        with h5py.File(temporary, "w") as handle:
+            fill(handle)
+
+    try:
+        write_file_atomic(path, write)
+    except OSError as error:
+        raise WeightsError(f"cannot write {path}: {error.strerror or error}") from None

@@ -350,9 +350,7 @@ class Net(nn.Module):
             layer_param.CopyFrom(step.layer.param)
             del layer_param.blobs[:]
             for blob in step.layer.blobs:
-                diff = None
-                if with_diff:
-                    diff = (blob.grad if blob.grad is not None else torch.zeros_like(blob)).detach().cpu().numpy()
+                diff = _diff_array(blob) if with_diff else None
                 layer_param.blobs.append(array_to_blob(blob.detach().cpu().numpy(), diff))
         return out
 
@@ -361,6 +359,21 @@ class Net(nn.Module):
         from rloss.io import write_message_atomic
 
         write_message_atomic(self.to_proto(with_diff), str(path))
+
+    def save_hdf5(self, path: str | Path, with_diff: bool = False) -> None:
+        """Write the weights as Caffe's HDF5 model (atomically): each blob under the first layer that has it."""
+        from rloss.io import write_hdf5_model
+
+        owned: set[int] = set()
+        layers: dict[str, list] = {}
+        for layer in self.layers:
+            blobs = layers.setdefault(layer.name, [])
+            for index, blob in enumerate(layer.blobs):
+                if id(blob) in owned:
+                    continue
+                owned.add(id(blob))
+                blobs.append((index, blob.detach().cpu().numpy(), _diff_array(blob) if with_diff else None))
+        write_hdf5_model(layers, str(path), with_diff)
 
     def copy_from(self, source) -> None:
         """Copy weights from a .caffemodel path (or a NetParameter) into layers of the same name, as
@@ -464,3 +477,8 @@ class Net(nn.Module):
         if state.name in free:
             raise WeightsError(f"{misfit}: the state names more data layers '{state.name}' than the net has")
         raise WeightsError(f"{misfit}: its layer of that name is of type {types[0]}, which has no data state")
+
+
+def _diff_array(blob: nn.Parameter):
+    """A parameter's diff as saved: its gradient, or zeros where backward left none (as Caffe's)."""
+    return (blob.grad if blob.grad is not None else torch.zeros_like(blob)).detach().cpu().numpy()

@@ -28,7 +28,7 @@ from google.protobuf import text_format
 from rloss.caffe_log import caffe_float, format_duration, loss_suffix
 from rloss.device import seed_everything, solver_device
 from rloss.errors import SolverError, WeightsError
-from rloss.io import read_solver_state, write_file_atomic, write_message_atomic
+from rloss.io import read_solver_state, write_hdf5_state, write_message_atomic
 from rloss.lr_policy import LearningRate
 from rloss.net import Net
 from rloss.paths import (
@@ -312,7 +312,7 @@ class SGDSolver:
         if self.param.snapshot_format == caffe_pb2.SolverParameter.HDF5:
             model = self.snapshot_name(".caffemodel.h5")
             log.info("Snapshotting to HDF5 file %s", model)
-            write_hdf5_model(self.net, model, self.param.snapshot_diff)
+            self.net.save_hdf5(model, with_diff=self.param.snapshot_diff)
             state_file = self.snapshot_name(".solverstate.h5")
             log.info("Snapshotting solver state to HDF5 file %s", state_file)
             write_hdf5_state(self._state(model), state_file)
@@ -436,63 +436,3 @@ class _SignalRequests:
     def __exit__(self, *exc) -> None:
         for number, handler in self.previous.items():
             signal.signal(number, handler)
-
-
-def write_hdf5_model(net: Net, path: str, with_diff: bool) -> None:
-    """Caffe's HDF5 model: data/<layer>/<i> for every parameter a layer owns (diff/... if asked)."""
-    h5py = _h5py()
-    owned: set[int] = set()
-
-    def fill(handle) -> None:
-        data = handle.create_group("data")
-        diff = handle.create_group("diff") if with_diff else None
-        for layer in net.layers:
-            group = data.require_group(layer.name)
-            diff_group = diff.require_group(layer.name) if diff is not None else None
-            for j, blob in enumerate(layer.blobs):
-                if id(blob) in owned:
-                    continue
-                owned.add(id(blob))
-                group.create_dataset(str(j), data=blob.detach().cpu().numpy())
-                if diff_group is not None:
-                    grad = blob.grad if blob.grad is not None else torch.zeros_like(blob)
-                    diff_group.create_dataset(str(j), data=grad.detach().cpu().numpy())
-
-    _write_h5_atomic(h5py, path, fill)
-
-
-def write_hdf5_state(state, path: str) -> None:
-    """Caffe's HDF5 solver state: iter, learned_net, current_step and history/<i>."""
-    h5py = _h5py()
-
-    def fill(handle) -> None:
-        handle.create_dataset("iter", data=np.int32(state.iter))
-        handle.create_dataset("learned_net", data=state.learned_net.encode())
-        handle.create_dataset("current_step", data=np.int32(state.current_step))
-        history = handle.create_group("history")
-        for i, blob in enumerate(state.history):
-            history.create_dataset(str(i), data=blob_to_array(blob, f"history {i}"))
-        if state.HasField("resume"):  # rloss's extension (serialized ResumeState bytes); Caffe ignores it
-            handle.create_dataset("rloss_resume", data=np.frombuffer(state.resume.SerializeToString(), np.uint8))
-
-    _write_h5_atomic(h5py, path, fill)
-
-
-def _h5py():
-    try:
-        import h5py
-    except ImportError:
-        raise SolverError("snapshot_format: HDF5 needs the h5py package (pip install h5py), or use "
-                          "the default BINARYPROTO") from None
-    return h5py
-
-
-def _write_h5_atomic(h5py, path: str, fill: Callable) -> None:
-    def write(temporary: Path) -> None:
-        with h5py.File(temporary, "w") as handle:
-            fill(handle)
-
-    try:
-        write_file_atomic(path, write)
-    except OSError as error:
-        raise SolverError(f"cannot write {path}: {error}") from None
