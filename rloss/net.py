@@ -164,7 +164,7 @@ class Net(nn.Module):
                 if i < len(detach):
                     detach[i] = True
             loss_tops = [(i, w) for i, w in enumerate(layer.loss_weights) if w != 0]
-            if cls.type_name == "Input":
+            if cls.feedable:
                 self.input_layer_tops.update((top, layer) for top in param.top)
             self.layers.append(layer)
             self._steps.append(_Step(layer, list(param.bottom), tops, detach, loss_tops))

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from rloss.errors import NetError
+from rloss.layers import layer_class
 from rloss.proto import caffe_pb2
 
 INPUT_PRODUCER = -1  # pseudo layer index of the net-level inputs; Caffe names it "input"
@@ -77,14 +78,12 @@ def insert_splits(net_param, input_names: list[str]):
     return out
 
 
-FEEDABLE_DATA_LAYERS = ("ImageSegData", "ImageData")
-
-
 def data_layers_to_inputs(net_param, batch_size: int | None = None):
     """A copy of `net_param` whose image data layers are replaced by net inputs of the same shapes,
     so a net can be built and run on fed tensors (tests, benchmarks, deploy-style use).
 
-    Shapes follow the layer: data (N, 3, crop, crop), label (N, 1, crop, crop), data_dim (N, 1, 1, 2)."""
+    The shapes are the layer's own at its crop (`sample_shapes`; ImageSegData: data (N, 3, crop, crop),
+    label (N, 1, crop, crop), data_dim (N, 1, 1, 2))."""
     out = caffe_pb2.NetParameter()
     out.CopyFrom(net_param)
     del out.layer[:]
@@ -94,7 +93,8 @@ def data_layers_to_inputs(net_param, batch_size: int | None = None):
         for i in range(0, len(dims), 4):
             out.input_shape.add().dim.extend(dims[i:i + 4])
     for layer in net_param.layer:
-        if layer.type not in FEEDABLE_DATA_LAYERS:
+        cls = layer_class(layer.type)
+        if not hasattr(cls, "sample_shapes"):
             out.layer.add().CopyFrom(layer)
             continue
         transform = layer.transform_param
@@ -106,7 +106,7 @@ def data_layers_to_inputs(net_param, batch_size: int | None = None):
                 "tops is only known from the images; give transform_param.crop_size to feed it"
             )
         n = batch_size or layer.image_data_param.batch_size
-        shapes = [(n, 3, height, width), (n, 1, height, width), (n, 1, 1, 2)]
+        shapes = [(n, *shape) for shape in cls.sample_shapes(layer, height, width)]
         for name, shape in zip(layer.top, shapes):
             out.input.append(name)
             out.input_shape.add().dim.extend(shape)

@@ -23,6 +23,7 @@ from rloss.data.transform import scaled_size
 from rloss.errors import DataError, LayerError
 from rloss.layers import layer_class
 from rloss.proto import caffe_pb2
+from rloss.wiring import data_layers_to_inputs
 from tests.shared_data import shared_path
 
 MEAN = (104.008, 116.669, 122.675)
@@ -464,6 +465,29 @@ def test_image_data_gives_images_and_classes(tmp_path):
     red, green, blue = (rgb[..., i].astype(np.int64) for i in range(3))
     luma = (9797 * red + 19234 * green + 3737 * blue) >> 15  # libpng's fixed-point 0.299 / 0.587 / rest
     assert np.array_equal(grey[1, 0], luma[1:9, 2:10].astype(np.float32))  # TEST: centre crop
+
+
+@pytest.mark.parametrize("layer_type, tops, data_extra, mean", [
+    ("ImageSegData", ("data", "label", "data_dim"), "", MEAN),
+    ("ImageData", ("data", "label"), "", MEAN),
+    ("ImageData", ("data", "label"), "is_color: false", (0,)),
+])
+def test_fed_inputs_take_the_layers_own_top_shapes(tmp_path, layer_type, tops, data_extra, mean):
+    """data_layers_to_inputs declares, for each data layer it replaces, the shapes the layer gives."""
+    for name in ("a", "b"):
+        write_png(tmp_path / f"{name}.png", np.zeros((10, 12, 3), np.uint8))
+        write_png(tmp_path / f"{name}_label.png", np.zeros((10, 12), np.uint8))
+    source = tmp_path / "list.txt"
+    source.write_text("".join(f"{n}.png {n}_label.png\n" if layer_type == "ImageSegData" else f"{n}.png 1\n"
+                              for n in ("a", "b")))
+    layer = make_layer(source, str(tmp_path) + "/", batch=2, crop=8, layer_type=layer_type, tops=tops,
+                       data_extra=data_extra, mean=mean)
+    layer.close()
+    net = caffe_pb2.NetParameter()
+    net.layer.add().CopyFrom(layer.param)
+    fed = data_layers_to_inputs(net)
+    assert list(fed.input) == list(tops) and not len(fed.layer)
+    assert [tuple(shape.dim) for shape in fed.input_shape] == layer.top_shapes
 
 
 def test_image_data_refuses_images_smaller_than_the_crop(tmp_path):

@@ -40,6 +40,7 @@ class Layer(nn.Module):
     auto_tops: ClassVar[int] = 0
     default_loss_weight: ClassVar[float] = 0.0
     no_gradient_bottoms: ClassVar[tuple[int, ...]] = ()
+    feedable: ClassVar[bool] = False  # its tops take tensors from the caller (`feed`), as net inputs do
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int = caffe_pb2.TRAIN):
         super().__init__()

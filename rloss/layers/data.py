@@ -92,6 +92,8 @@ class Input(SourceLayer):
     fed tensor is returned unchanged by every forward until replaced (gradients reach it), an unfed
     top gives zeros of the declared shape (Caffe's freshly allocated blob)."""
 
+    feedable = True
+
     def setup(self, bottom_shapes: list[Shape]) -> None:
         shapes = [_dims(shape, self) for shape in self.param.input_param.shape]
         if not shapes:

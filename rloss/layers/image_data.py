@@ -161,6 +161,12 @@ class _ImageListLayer(SourceLayer):
     channels = 3
     has_data_state = True
 
+    @classmethod
+    def sample_shapes(cls, param: caffe_pb2.LayerParameter, height: int, width: int) -> list[Shape]:
+        """The per-sample shape of each top for images of height x width (the crop, when there is one):
+        what a net fed instead of this layer takes (rloss.wiring.data_layers_to_inputs)."""
+        raise NotImplementedError
+
     def setup(self, bottom_shapes: list[Shape]) -> None:
         data_param = self.param.image_data_param
         self.who = f"layer '{self.name}' (type {self.type_name})"
@@ -336,6 +342,10 @@ class ImageSegData(_ImageListLayer):
     def first_sample_shapes(self, first: ListEntry) -> list[Shape]:
         crop = self.reader.config.crop
         height, width = crop if crop else self.reader.read(first)[0].shape[:2]
+        return self.sample_shapes(self.param, height, width)
+
+    @classmethod
+    def sample_shapes(cls, param: caffe_pb2.LayerParameter, height: int, width: int) -> list[Shape]:
         return [(3, height, width), (1, height, width), (1, 1, 2)]
 
 
@@ -370,7 +380,11 @@ class ImageData(_ImageListLayer):
     def first_sample_shapes(self, first: ListEntry) -> list[Shape]:
         crop = self.reader.config.crop
         height, width = crop if crop else self.reader.read(first).shape[:2]
-        return [(self.channels, height, width), ()]
+        return self.sample_shapes(self.param, height, width)
+
+    @classmethod
+    def sample_shapes(cls, param: caffe_pb2.LayerParameter, height: int, width: int) -> list[Shape]:
+        return [(3 if param.image_data_param.is_color else 1, height, width), ()]
 
 
 def _is_int_in(token: str | None, low: int, high: int) -> bool:
