@@ -9,13 +9,12 @@ replaced by fed tensors. Runs alternate between the two models; medians are repo
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from harness import size_parser, timed
 from torch import nn
 
 from rloss.net import Net
@@ -65,18 +64,8 @@ def copy_weights(net: Net, model: LargeFOV) -> None:
             conv.bias.copy_(layer.blobs[1])
 
 
-def timed(step) -> float:
-    start = time.perf_counter()
-    step()
-    return time.perf_counter() - start
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--crop", type=int, default=321)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = size_parser(__doc__.splitlines()[0], repeats=7)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

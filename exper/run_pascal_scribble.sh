@@ -13,11 +13,15 @@
 # RUN_CONTROL=1 also trains a partial-cross-entropy-only control as long as phase 2 (DenseCRF loss
 # weight 0, same schedule), and RUN_FULL=1 a fully supervised model (TRAIN_SET=train_full), both
 # for the small net; the last lines print a table of the mean IoUs.
+# Scale: DEV_ID=0,1 trains data-parallel on those GPUs (caffe.bin's --gpu; the tests use the first);
+# RLOSS_TRAIN="torchrun --nproc_per_node=4 -m rloss" (any torchrun flags, several machines too) runs the
+# training commands through torchrun instead; PRECISION=bf16 (or fp16) trains and tests under autocast.
 set -eu
 cd "$(dirname "$0")"
 
 PYTHON=${PYTHON:-python3}
 RLOSS="${PYTHON} -m rloss"
+RLOSS_TRAIN=${RLOSS_TRAIN:-${RLOSS}}
 EXP=${EXP:-pascal_scribble}
 NET_ID=${NET_ID:-small_fcn}
 TRAIN_SET=${TRAIN_SET:-train${TRAIN_SET_SUFFIX:-}}
@@ -29,7 +33,8 @@ RUN_CONTROL=${RUN_CONTROL:-0}
 RUN_FULL=${RUN_FULL:-0}
 MODEL_DIR=${MODEL_DIR:-${EXP}/model/${NET_ID}}
 LOG_DIR=${LOG_DIR:-${EXP}/log/${NET_ID}}
-GPU_FLAG=${DEV_ID:+--gpu=${DEV_ID}}
+GPU_FLAG="${DEV_ID:+--gpu=${DEV_ID}} ${PRECISION:+--precision=${PRECISION}}"
+TEST_GPU_FLAG="${DEV_ID:+--gpu=${DEV_ID%%,*}} ${PRECISION:+--precision=${PRECISION}}"
 
 if [ "${NET_ID}" = small_fcn ]; then
   CONFIG_DIR=${CONFIG_DIR:-../prototxt/small_fcn}
@@ -90,7 +95,7 @@ fi
 
 if [ "${RUN_TRAIN}" = 1 ]; then
   INIT=$(init_model)
-  run train.log ${RLOSS} train --solver="${CONFIG_DIR}/solver.prototxt" ${INIT:+--weights=${INIT}} ${GPU_FLAG} $(set_vars)
+  run train.log ${RLOSS_TRAIN} train --solver="${CONFIG_DIR}/solver.prototxt" ${INIT:+--weights=${INIT}} ${GPU_FLAG} $(set_vars)
 fi
 
 if [ "${RUN_TRAINWITHDENSECRFLOSS}" = 1 ]; then
@@ -99,16 +104,16 @@ if [ "${RUN_TRAINWITHDENSECRFLOSS}" = 1 ]; then
   else
     WEIGHTS=$(latest "${MODEL_DIR}/train")
   fi
-  run trainwithdensecrfloss.log ${RLOSS} train --solver="${CONFIG_DIR}/solverwithdensecrfloss.prototxt" \
+  run trainwithdensecrfloss.log ${RLOSS_TRAIN} train --solver="${CONFIG_DIR}/solverwithdensecrfloss.prototxt" \
     --weights="${WEIGHTS}" ${GPU_FLAG} $(set_vars)
   if [ "${RUN_CONTROL}" = 1 ]; then
-    run control.log ${RLOSS} train --solver="${CONFIG_DIR}/solverwithdensecrfloss.prototxt" \
+    run control.log ${RLOSS_TRAIN} train --solver="${CONFIG_DIR}/solverwithdensecrfloss.prototxt" \
       --weights="${WEIGHTS}" ${GPU_FLAG} $(set_vars) --set DENSECRF_LOSS_WEIGHT=0 --set MODEL_DIR="${MODEL_DIR}/control"
   fi
 fi
 
 if [ "${RUN_FULL}" = 1 ]; then
-  run full.log ${RLOSS} train --solver="${CONFIG_DIR}/solver.prototxt" ${GPU_FLAG} $(set_vars) \
+  run full.log ${RLOSS_TRAIN} train --solver="${CONFIG_DIR}/solver.prototxt" ${GPU_FLAG} $(set_vars) \
     --set TRAIN_SET=train_full --set MODEL_DIR="${MODEL_DIR}/full"
 fi
 
@@ -123,7 +128,7 @@ if [ "${RUN_TEST}" = 1 ]; then
     model=$(latest "${entry#*:}")
     [ -n "${model}" ] || continue
     run "test_$(basename "${model}" .caffemodel).log" ${RLOSS} test --model="${CONFIG_DIR}/test.prototxt" --weights="${model}" \
-      --iterations="${TEST_ITER}" ${GPU_FLAG} $(set_vars) --metrics_json="${LOG_DIR}/metrics.json"
+      --iterations="${TEST_ITER}" ${TEST_GPU_FLAG} $(set_vars) --metrics_json="${LOG_DIR}/metrics.json"
     ${PYTHON} -c "import json,sys; m=json.load(open(sys.argv[1])); print('%-42s %6.2f %6.2f  %s' % (sys.argv[2], 100*m['mean_iou'], 100*m['pixel_accuracy'], sys.argv[3]))" \
       "${LOG_DIR}/metrics.json" "${label}" "${model}" >> "${RESULTS}"
   done

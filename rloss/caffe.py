@@ -17,6 +17,10 @@ Blob data and diffs are numpy arrays that share memory with the net's tensors wh
 `${VAR}` placeholders in prototxt files take the `values=` keyword (an rloss extension), then the
 run script's variables from the environment, then its defaults (`rloss.variables`). As in pycaffe, the device
 is the one chosen with set_mode_cpu/set_mode_gpu (the solver file's solver_mode is not used).
+`precision="bf16"` (or "fp16"; rloss.precision) runs a Net or a solver's nets under torch.autocast, the
+weights kept float32; blobs autocast computed in bf16 show as float32 copies. `SGDSolver` also takes
+`checkpoint_activations=True` (it has no effect on the solver's own net while pycaffe shows every blob's
+diff, which needs every activation kept).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch
 
 from rloss.errors import NetError
 from rloss.net import Net as _Net
+from rloss.precision import to_float32
 from rloss.proto import caffe_pb2
 from rloss.solver import SGDSolver as _SGDSolver
 from rloss.variables import variable_values
@@ -154,15 +159,18 @@ class Layer:
 
 
 def _numpy_view(tensor: torch.Tensor) -> np.ndarray:
-    """Shares memory on the CPU; a copy for CUDA tensors (pycaffe's GPU blobs are also synced copies)."""
-    return tensor.detach().numpy() if tensor.device.type == "cpu" else tensor.detach().cpu().numpy()
+    """Shares memory on the CPU; a copy for CUDA tensors (pycaffe's GPU blobs are also synced copies)
+    and for bf16/fp16 blobs (a float32 copy: numpy has no bfloat16)."""
+    tensor = to_float32(tensor.detach())
+    return tensor.numpy() if tensor.device.type == "cpu" else tensor.cpu().numpy()
 
 
 class Net:
-    """pycaffe's `caffe.Net(model, [weights], phase)`; also accepts `weights=` and `phase=` keywords."""
+    """pycaffe's `caffe.Net(model, [weights], phase)`; also accepts `weights=` and `phase=` keywords, and
+    `precision=` (fp32, bf16, fp16)."""
 
     def __init__(self, model: Union[str, Path], *args, weights: str | None = None, phase: int | None = None,
-                 values: Mapping[str, str] | None = None):
+                 values: Mapping[str, str] | None = None, precision: str = "fp32"):
         if len(args) == 1:
             phase = args[0] if phase is None else phase
         elif len(args) == 2:
@@ -174,6 +182,7 @@ class Net:
         merged, defaults = variable_values(values or {}, Path(model))
         net = _Net.from_prototxt(model, phase, values=merged, defaults=defaults)
         net.to(current_device())
+        net.precision = precision
         self._attach(net)
         if weights:
             self.copy_from(weights)
@@ -330,10 +339,13 @@ class SGDSolver:
     """pycaffe's `caffe.SGDSolver(solver_prototxt)`: Caffe's SGD solver (rloss.solver) on the device of
     set_mode_cpu/set_mode_gpu, `${VAR}`s as for `Net`. `net` and `test_nets` are `Net`s over
     the solver's own nets, so after `step(n)` their blobs hold the last iteration's data and diffs
-    (the weights already updated, each parameter diff holding the step taken)."""
+    (the weights already updated, each parameter diff holding the step taken). `precision` and
+    `checkpoint_activations` go to rloss.solver.SGDSolver."""
 
-    def __init__(self, solver_file: Union[str, Path], values: Mapping[str, str] | None = None):
-        self._solver = _SGDSolver(str(solver_file), values=values, device=current_device())
+    def __init__(self, solver_file: Union[str, Path], values: Mapping[str, str] | None = None,
+                 precision: str = "fp32", checkpoint_activations: bool = False):
+        self._solver = _SGDSolver(str(solver_file), values=values, device=current_device(), precision=precision,
+                                  checkpoint_activations=checkpoint_activations)
         self.net = Net._wrap(self._solver.net)
         self.test_nets = [Net._wrap(net) for net in self._solver.test_nets]
 

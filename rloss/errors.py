@@ -64,3 +64,15 @@ class DataError(RlossError):
 
 class LatticeError(RlossError):
     """Bad input to the permutohedral lattice (shapes, non-finite values, sigmas)."""
+
+
+class PrecisionError(RlossError):
+    """A --precision name that is unknown, or one the device cannot run (fp16 without support)."""
+
+
+class MemoryPlanError(RlossError):
+    """A run whose estimated peak memory exceeds what the device or host has (says what to change)."""
+
+
+class DistributedError(RlossError):
+    """A data-parallel run that cannot start or go on: devices, ranks, data too small, a lost rank."""

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from rloss.errors import LatticeError
+from rloss.host_memory import host_available_bytes
 
 try:
     from rloss import _lattice as _ext
@@ -118,23 +119,12 @@ def _check_memory(points: int, dim: int, channels: int, images_at_once: int) -> 
         _BYTES_PER_LATTICE_POINT + (dim + 1) * 8 + kp * _BYTES_PER_LATTICE_VALUE
     )
     need = images_at_once * per_lattice
-    avail = _available_memory()
+    avail = host_available_bytes()
     if avail is not None and need > avail:
         raise LatticeError(
             f"lattice filtering needs about {need / 2**30:.1f} GiB of memory but only {avail / 2**30:.1f} GiB are "
             "available (reduce the image size, the batch or the thread count)"
         )
-
-
-def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:

@@ -4,21 +4,30 @@ Layers run in file order; blobs are looked up by name; an in-place top rebinds i
 tensor; Split layers (inserted as Caffe does) give fan-out; `param { name }` makes layers share one
 `nn.Parameter`; propagate_down false detaches a bottom; the objective is the sum over tops of
 loss_weight * sum(top). Backward comes from autograd.
+
+`precision` (fp32, bf16, fp16; `rloss.precision`) runs the layers under torch.autocast, those that
+declare `runs_in_float32` in float32; `checkpoint_activations` trades a second forward of most layers
+in backward for keeping only the blobs at segment boundaries (torch.utils.checkpoint).
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
+import itertools
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from rloss.errors import LayerError, NetError, RlossError, WeightsError
 from rloss.layers import Layer, layer_class, layer_types
+from rloss.precision import autocast, check_precision, float32_region, to_float32
 from rloss.proto import caffe_pb2
 from rloss.proto.blob import shape_problem
 from rloss.proto.upgrade import net_inputs
@@ -47,6 +56,16 @@ class _Step:
     tops: list[str]  # anonymous tops get unique internal names starting with "("
     detach: list[bool]  # per bottom: propagate_down false, or a bottom the layer never differentiates
     loss_tops: list[tuple[int, float]]  # (top index, loss weight) with weight != 0
+
+
+@dataclass
+class _Segment:
+    """Consecutive layers that activation checkpointing runs as one unit: backward keeps only the
+    blobs at its boundaries and runs its layers again to get what they saved."""
+
+    steps: list[_Step]
+    inputs: list[str]  # blobs it reads that earlier layers made
+    outputs: list[str]  # blobs it makes that later layers read, or net outputs
 
 
 class Net(nn.Module):
@@ -87,6 +106,10 @@ class Net(nn.Module):
         self.blob_data: dict[str, torch.Tensor] = {}
         self._first_version: dict[str, torch.Tensor] = {}
         self.keep_blob_diffs = False
+        self._precision = "fp32"
+        self.checkpoint_activations = False
+        self._checkpoint_plan = _checkpoint_plan(self._steps, self.outputs)
+        self._said_no_checkpoints = False
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -252,37 +275,42 @@ class Net(nn.Module):
             self._feeds[name] = torch.zeros(self.inputs[name], device=self.device)
         return self._feeds[name]
 
+    @property
+    def precision(self) -> str:
+        """fp32, bf16 or fp16: what autocast computes the layers in (the weights stay float32)."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, name: str) -> None:
+        self._precision = check_precision(name, self.device)
+
     def forward(self, feeds: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
-        """Run every layer; return the objective sum(loss_weight * top) as a 0-d tensor."""
+        """Run every layer; return the objective sum(loss_weight * top) as a 0-d float32 tensor.
+
+        Under bf16/fp16 the blobs autocast computed are bf16/fp16 in `blob_data`; the net outputs, the
+        loss and the tops of `runs_in_float32` layers are float32. With checkpointing in force
+        (`checkpoint_activations`, grad enabled), `blob_data` holds only the blobs alive at segment
+        boundaries and the outputs."""
         for name, value in (feeds or {}).items():
             self.feed(name, value)
-        blobs: dict[str, torch.Tensor] = {}
-        first: dict[str, torch.Tensor] = {}
+        # the last pass's blobs (and the graph and DenseCRF lattices they hold) go before this pass
+        # allocates its own: otherwise two iterations' activations are alive at the peak
+        self.blob_data, self._first_version = {}, {}
         device = self.device
-        for name in self.inputs:
-            value = self.input_tensor(name).to(device)
-            if self.force_backward and torch.is_grad_enabled():
-                value = value.detach().requires_grad_(True)
-            blobs[name] = first[name] = value
+        blobs, first = self._input_blobs(device)
         loss = torch.zeros((), device=device)
-        for step in self._steps:
-            bottoms = [blobs[b].detach() if d else blobs[b] for b, d in zip(step.bottoms, step.detach)]
-            try:
-                tops = step.layer(*bottoms)
-            except RlossError:
-                raise
-            except RuntimeError as error:
-                shapes = [tuple(b.shape) for b in bottoms]
-                where = self._where(step.layer.param)
-                raise NetError(f"{where}: forward failed on bottoms {shapes}: {error}") from None
-            if not step.bottoms:
-                tops = [t.to(device) for t in tops]
-            for name, value in zip(step.tops, tops):
-                if name not in first or name not in step.bottoms:
-                    first[name] = value
-                blobs[name] = value
-            for index, weight in step.loss_tops:
-                loss = loss + weight * tops[index].sum()
+        with autocast(self.precision, device):
+            for item in self._forward_plan():
+                if isinstance(item, _Segment):
+                    self._run_segment(item, blobs, first)
+                    continue
+                tops = self._run_step(item, blobs, device)
+                for name, value in zip(item.tops, tops):
+                    if name not in first or name not in item.bottoms:
+                        first[name] = value
+                for index, weight in item.loss_tops:
+                    loss = loss + weight * to_float32(tops[index]).sum()
+        self._outputs_to_float32(blobs, first)
         if self.keep_blob_diffs and torch.is_grad_enabled():
             for value in first.values():
                 if value.requires_grad:
@@ -290,16 +318,92 @@ class Net(nn.Module):
         self.blob_data, self._first_version = blobs, first
         return loss
 
+    def _input_blobs(self, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(blobs, first versions) holding the net-level inputs, on `device`."""
+        blobs: dict[str, torch.Tensor] = {}
+        for name in self.inputs:
+            value = self.input_tensor(name).to(device)
+            if self.force_backward and torch.is_grad_enabled():
+                value = value.detach().requires_grad_(True)
+            blobs[name] = value
+        return blobs, dict(blobs)
+
+    def _forward_plan(self) -> Sequence[_Step | _Segment]:
+        """The layers to run, grouped into checkpointed segments when checkpointing is in force.
+
+        Not with `keep_blob_diffs` (pycaffe): every blob's data and diff is kept there, which leaves
+        checkpointing nothing to save."""
+        if not (self.checkpoint_activations and torch.is_grad_enabled()):
+            return self._steps
+        if self.keep_blob_diffs:
+            if not self._said_no_checkpoints:
+                log.info("%s: activation checkpointing is off: this net keeps every blob's data and diff "
+                         "(pycaffe), so it would save nothing", self.source)
+                self._said_no_checkpoints = True
+            return self._steps
+        return self._checkpoint_plan
+
+    def _run_step(self, step: _Step, blobs: dict[str, torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        """Run one layer on its bottoms in `blobs`, bind its tops there and return them."""
+        bottoms = [blobs[b].detach() if d else blobs[b] for b, d in zip(step.bottoms, step.detach)]
+        try:
+            tops = self._layer_forward(step.layer, bottoms, device)
+        except RlossError:
+            raise
+        except RuntimeError as error:
+            shapes = [tuple(b.shape) for b in bottoms]
+            where = self._where(step.layer.param)
+            raise NetError(f"{where}: forward failed on bottoms {shapes}: {error}") from None
+        if not step.bottoms:
+            tops = [t.to(device) for t in tops]
+        blobs.update(zip(step.tops, tops))
+        return tops
+
+    @staticmethod
+    def _layer_forward(layer: Layer, bottoms: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        if not layer.runs_in_float32:
+            return layer(*bottoms)
+        with float32_region(device):
+            return layer(*[to_float32(b) for b in bottoms])
+
+    def _run_segment(self, segment: _Segment, blobs: dict[str, torch.Tensor], first: dict[str, torch.Tensor]) -> None:
+        """Run a segment under torch.utils.checkpoint (its recompute replays torch's generator, so
+        Dropout draws the same masks) and bind its outputs."""
+        run = functools.partial(self._segment_forward, segment)
+        values = checkpoint(run, *(blobs[name] for name in segment.inputs), use_reentrant=False,
+                            preserve_rng_state=True)
+        for name, value in zip(segment.outputs, values):
+            blobs[name] = value
+            first.setdefault(name, value)
+
+    def _segment_forward(self, segment: _Segment, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        blobs = dict(zip(segment.inputs, inputs))
+        device = self.device
+        for step in segment.steps:
+            self._run_step(step, blobs, device)
+        return tuple(blobs[name] for name in segment.outputs)
+
+    def _outputs_to_float32(self, blobs: dict[str, torch.Tensor], first: dict[str, torch.Tensor]) -> None:
+        """The net outputs as float32 (what scoring, logs and callers read), whatever autocast made."""
+        for name in self.outputs:
+            value = blobs[name]
+            cast = to_float32(value)
+            if cast is not value:
+                if first.get(name) is value:
+                    first[name] = cast
+                blobs[name] = cast
+
     def blob_diff(self, name: str) -> torch.Tensor:
         """The gradient Caffe would hold in blob `name`'s diff after the last backward (zeros if none).
 
         For an in-place chain that is the gradient of the first producer's output, as in Caffe where
-        every in-place layer's backward overwrites the shared diff with its bottom's gradient."""
+        every in-place layer's backward overwrites the shared diff with its bottom's gradient. In
+        float32, also for a blob autocast computed in bf16/fp16."""
         value = self._first_version.get(name)
         if value is None:
             raise NetError(f"{self.source}: no blob '{name}' (run forward first)")
         grad = value.grad if value.requires_grad else None
-        return grad if grad is not None else torch.zeros_like(value)
+        return to_float32(grad if grad is not None else torch.zeros_like(value))
 
     def is_rewritten_in_place(self, name: str) -> bool:
         """True when in-place layers replaced the first value of blob `name` in the last forward."""
@@ -477,6 +581,41 @@ class Net(nn.Module):
         if state.name in free:
             raise WeightsError(f"{misfit}: the state names more data layers '{state.name}' than the net has")
         raise WeightsError(f"{misfit}: its layer of that name is of type {types[0]}, which has no data state")
+
+
+def _checkpoint_plan(steps: list[_Step], outputs: Sequence[str]) -> list[_Step | _Segment]:
+    """The steps, with each run of checkpointable layers cut into segments of about sqrt(layers)
+    layers (the classic memory/recompute balance); data layers, loss layers and layers that change
+    state in forward stay outside, and a one-layer piece runs as it is (checkpointing it saves nothing)."""
+    size = max(2, round(math.sqrt(len(steps))))
+    groups: list[list[_Step]] = []
+    for eligible, run in itertools.groupby(steps, key=_checkpointable):
+        run = list(run)
+        if eligible:
+            groups.extend(run[i:i + size] for i in range(0, len(run), size))
+        else:
+            groups.extend([step] for step in run)
+    plan: list[_Step | _Segment] = []
+    needed = set(outputs)  # blobs read after the group being planned (planned last to first)
+    for group in reversed(groups):
+        plan.append(_segment(group, needed) if len(group) > 1 else group[0])
+        needed.update(bottom for step in group for bottom in step.bottoms)
+    return plan[::-1]
+
+
+def _checkpointable(step: _Step) -> bool:
+    return bool(step.bottoms) and not step.loss_tops and step.layer.recomputable
+
+
+def _segment(steps: list[_Step], needed: set[str]) -> _Segment:
+    """A segment of `steps`: it reads the blobs they take from before it, and gives back the blobs
+    they make that are in `needed`."""
+    inputs: dict[str, None] = {}  # insertion-ordered sets
+    made: dict[str, None] = {}
+    for step in steps:
+        inputs.update((bottom, None) for bottom in step.bottoms if bottom not in made)
+        made.update((top, None) for top in step.tops)
+    return _Segment(steps, list(inputs), [name for name in made if name in needed])
 
 
 def _diff_array(blob: nn.Parameter):

@@ -26,14 +26,16 @@ import torch
 from google.protobuf import text_format
 
 from rloss.caffe_log import caffe_float, format_duration, loss_suffix
+from rloss.data_parallel import Ranked, generators_now, restore_generators
 from rloss.device import seed_everything, solver_device
+from rloss.distributed import joined_ranks
 from rloss.errors import SolverError, WeightsError
 from rloss.io import read_solver_state, write_hdf5_state, write_message_atomic
 from rloss.lr_policy import LearningRate
+from rloss.memory import check_training_memory
 from rloss.net import Net
-from rloss.paths import (
-    resolve_input,
-)
+from rloss.paths import resolve_input
+from rloss.precision import LossScaler, check_precision
 from rloss.proto import caffe_pb2
 from rloss.proto.blob import array_to_blob, blob_shape, blob_to_array
 from rloss.scoring import output_values, score
@@ -49,8 +51,12 @@ class SGDSolver:
 
     `solver` is a path or a SolverParameter; `values` are explicit `${VAR}` values (`--set`), taken
     before the environment and the run script's defaults (rloss.paths); `device` overrides
-    `solver_mode`/`device_id`; the signal effects are those of caffe.bin's --sigint_effect and
-    --sighup_effect ("stop", "snapshot" or "none"), active during `solve()`.
+    `solver_mode`/`device_id`; `precision` ("fp32", "bf16", "fp16") is the nets' autocast (weights,
+    history and snapshots stay float32) and `checkpoint_activations` recomputes the train net's
+    activations in backward instead of keeping them; the signal effects are those of caffe.bin's --sigint_effect (also
+    SIGTERM's, as clusters stop jobs with it) and --sighup_effect ("stop", "snapshot" or "none"),
+    active during `solve()`. In a torch.distributed job (torchrun, `--gpu=0,1`) the solver is one
+    data-parallel rank (rloss.data_parallel): every rank must make the same calls.
     """
 
     def __init__(
@@ -61,20 +67,33 @@ class SGDSolver:
         sigint_effect: str = "stop",
         sighup_effect: str = "snapshot",
         environ: Mapping[str, str] | None = None,
+        precision: str = "fp32",
+        checkpoint_activations: bool = False,
     ):
         for flag, effect in (("sigint_effect", sigint_effect), ("sighup_effect", sighup_effect)):
             if effect not in EFFECTS:
                 raise SolverError(f"--{flag}={effect}: expected one of {', '.join(EFFECTS)}")
-        self.effects = {"SIGINT": sigint_effect, "SIGHUP": sighup_effect}
+        self.effects = {"SIGINT": sigint_effect, "SIGHUP": sighup_effect, "SIGTERM": sigint_effect}
         self.files = SolverFiles(solver, values, environ)
         self.param = self.files.param
         log.info("Initializing solver from parameters: \n%s", text_format.MessageToString(self.param))
-        self.snapshot_prefix = self.files.snapshot_prefix()
-        if self.param.random_seed >= 0:
-            seed_everything(self.param.random_seed)
-        self.device = torch.device(device) if device is not None else solver_device(self.param)
+        ranks = joined_ranks()
+        self.device = torch.device(device) if device is not None else solver_device(self.param, ranks.local_rank)
+        check_precision(precision, self.device)
+        self.ranked = Ranked(ranks, self.device)
+        self.snapshot_prefix = self.files.snapshot_prefix() if ranks.is_root else ""
+        seed = self.ranked.common_seed(self.param.random_seed)
+        if seed >= 0:
+            seed_everything(seed)
         self.net = self.files.train_net().to(self.device)
-        self.test_nets = [net.to(self.device) for net in self.files.test_nets()]
+        self.test_nets = [net.to(self.device) for net in self.files.test_nets()] if ranks.is_root else []
+        for net in [self.net, *self.test_nets]:
+            net.precision = precision
+        self.net.checkpoint_activations = checkpoint_activations
+        self.scaler = LossScaler.for_precision(precision)
+        check_training_memory(self.net, self.device, iter_size=self.param.iter_size,
+                              ranks_per_host=ranks.local_size if self.device.type == "cpu" else 1)
+        self.ranked.prepare(self.net)
         self.iter = 0
         self.lr = LearningRate(self.param)
         self.history = [torch.zeros_like(p.tensor, memory_format=torch.contiguous_format)
@@ -84,6 +103,7 @@ class SGDSolver:
         self._start_iter = 0
         self._losses: list[np.float32] = []
         self.requested_early_exit = False
+        self._gradients_finite = True
         self._pending: list[str] = []
         self.last_snapshot = ""  # the newest model this run wrote or resumed from (all its weights finite)
         log.info("Solver scaffolding done.")
@@ -117,7 +137,7 @@ class SGDSolver:
             return
         if p.display > 0 and self.iter % p.display == 0:
             with torch.no_grad():
-                loss = f32(float(self.net.forward()))
+                loss = self.ranked.mean_loss(f32(float(self.net.forward())))
             smoothed = _smooth(self._losses, f32(self.smoothed_loss), loss, self.iter - self._start_iter,
                                p.average_loss)
             self.smoothed_loss = float(smoothed)
@@ -134,6 +154,7 @@ class SGDSolver:
         self._start_iter, self._losses = start_iter, []
         smoothed = f32(0)
         clock = _Progress(self.iter, p.max_iter)
+        self.ranked.share_root_values([*self.net.parameters(), *self.history])
         while self.iter < stop_iter:
             for entry in self.net.learnable:
                 entry.tensor.grad = None
@@ -143,18 +164,25 @@ class SGDSolver:
                 if self.requested_early_exit:
                     break
             display = p.display > 0 and self.iter % p.display == 0
-            loss = self._forward_backward()
+            loss = self.ranked.mean_loss(self._forward_backward())
+            self._check_loss_finite(loss)
             smoothed = _smooth(self._losses, smoothed, loss, self.iter - start_iter, p.average_loss)
             self.smoothed_loss = float(smoothed)
             if display:
                 log.info("Iteration %d, loss = %s", self.iter, caffe_float(smoothed))
                 self._log_outputs(self.net, "Train")
-            self.apply_update(display)
+            if self._gradients_finite:
+                self.apply_update(display)
+            else:
+                scale = self.scaler.value
+                log.info("Iteration %d: fp16 gradients overflowed (loss scale %s): update skipped, scale now %s",
+                         self.iter, caffe_float(scale), caffe_float(scale * self.scaler.backoff))
+            self.scaler.update(self._gradients_finite)
             self._check_weights_finite("the update of iteration", self.iter)
             self.iter += 1
             if display:
                 clock.report(self.iter)
-            action = self._requested_action()
+            action = self.ranked.agreed_action(self._requested_action())
             if (p.snapshot > 0 and self.iter % p.snapshot == 0) or action == "snapshot":
                 self.snapshot()
             if action == "stop":
@@ -162,19 +190,25 @@ class SGDSolver:
                 break
 
     def _forward_backward(self) -> np.float32:
-        """iter_size forward/backward passes; the gradients add up, the loss is their float mean."""
+        """iter_size forward/backward passes; the gradients add up (then are averaged over the
+        ranks, and unscaled for fp16: `_gradients_finite` says whether they overflowed), the loss
+        is their float mean."""
         iter_size = self.param.iter_size
         total = f32(0)
         for _ in range(iter_size):
             loss = self.net.forward()
             if loss.requires_grad:
-                loss.backward()
+                self.scaler.scale(loss).backward()
             total = f32(total + f32(loss.item()))
-        mean = f32(total / f32(iter_size))
-        if not math.isfinite(float(mean)):
-            raise SolverError(f"iteration {self.iter}: the loss is {caffe_float(mean)}; training stopped; "
+        gradients = [self._gradient(i) for i, entry in enumerate(self.net.learnable) if entry.tensor.requires_grad]
+        self.ranked.average_gradients(gradients)
+        self._gradients_finite = self.scaler.unscale(gradients)
+        return f32(total / f32(iter_size))
+
+    def _check_loss_finite(self, loss: np.float32) -> None:
+        if not math.isfinite(float(loss)):
+            raise SolverError(f"iteration {self.iter}: the loss is {caffe_float(loss)}; training stopped; "
                               f"{self._kept()}; lower base_lr or check the data")
-        return mean
 
     def _check_weights_finite(self, what: str, iteration: int) -> None:
         """Stop, before anything is written, when a learnable parameter holds inf or nan."""
@@ -281,7 +315,10 @@ class SGDSolver:
                      loss_suffix(weights.get(name, 0.0), mean))
 
     def _test_interrupted(self) -> bool:
-        """Act on a signal between test passes: snapshot, or stop the test and training."""
+        """Act on a signal between test passes: snapshot, or stop the test and training. On several
+        ranks the signal waits for the end of the iteration, where all ranks act on it together."""
+        if self.ranked.parallel:
+            return False
         action = self._requested_action()
         if action == "snapshot":
             self.snapshot()
@@ -303,11 +340,14 @@ class SGDSolver:
         return f"{self.snapshot_prefix}_iter_{self.iter}{extension}"
 
     def snapshot(self) -> None:
-        """Write the model, then the solver state naming it (both atomically); never non-finite weights."""
+        """Write the model, then the solver state naming it (both atomically); never non-finite weights.
+        On several ranks every rank calls it (their generators are gathered) and rank 0 writes."""
         self._check_weights_finite("snapshot at iteration", self.iter)
-        self.last_snapshot = self._write_snapshot()
+        generators = self.ranked.generator_states(generators_now(self.device))
+        if self.ranked.is_root:
+            self.last_snapshot = self._write_snapshot(generators)
 
-    def _write_snapshot(self) -> str:
+    def _write_snapshot(self, generators: list) -> str:
         """The model and solver state files of this iteration; returns the model's name."""
         if self.param.snapshot_format == caffe_pb2.SolverParameter.HDF5:
             model = self.snapshot_name(".caffemodel.h5")
@@ -315,25 +355,28 @@ class SGDSolver:
             self.net.save_hdf5(model, with_diff=self.param.snapshot_diff)
             state_file = self.snapshot_name(".solverstate.h5")
             log.info("Snapshotting solver state to HDF5 file %s", state_file)
-            write_hdf5_state(self._state(model), state_file)
+            write_hdf5_state(self._state(model, generators), state_file)
             return model
         model = self.snapshot_name(".caffemodel")
         log.info("Snapshotting to binary proto file %s", model)
         self.net.save(model, with_diff=self.param.snapshot_diff)
         state_file = self.snapshot_name(".solverstate")
         log.info("Snapshotting solver state to binary proto file %s", state_file)
-        write_message_atomic(self._state(model), state_file)
+        write_message_atomic(self._state(model, generators), state_file)
         return model
 
-    def _state(self, model: str):
-        """Caffe's SolverState plus the `resume` extension: data positions and torch's generators."""
+    def _state(self, model: str, generators: list):
+        """Caffe's SolverState plus the `resume` extension: data positions and every rank's torch
+        generators."""
         state = caffe_pb2.SolverState(iter=self.iter, learned_net=model, current_step=self.lr.current_step)
         for h in self.history:
             state.history.append(array_to_blob(h.detach().cpu().numpy()))
         resume = state.resume
-        resume.torch_random.cpu = torch.get_rng_state().numpy().tobytes()
-        if self.device.type == "cuda":
-            resume.torch_random.cuda = torch.cuda.get_rng_state(self.device).numpy().tobytes()
+        resume.torch_random.CopyFrom(generators[0])
+        resume.other_ranks_torch_random.extend(generators[1:])
+        if self.scaler.enabled:
+            scale = self.scaler.state_dict()
+            resume.loss_scale, resume.loss_scale_finite_steps = scale["scale"], int(scale["finite_steps"])
         resume.train_data.extend(self.net.data_states())
         for net in self.test_nets:
             resume.test_net.add().data_layer.extend(net.data_states())
@@ -364,19 +407,18 @@ class SGDSolver:
                      "from the beginning, as in Caffe", found)
             return
         resume = state.resume
+        if self.scaler.enabled and resume.HasField("loss_scale"):
+            self.scaler.load_state_dict({"scale": resume.loss_scale, "finite_steps": resume.loss_scale_finite_steps})
         self.net.load_data_states(resume.train_data, str(found))
         if len(resume.test_net) != len(self.test_nets):
             log.warning("%s holds data states for %d test nets, the solver has %d: the others start from the "
                         "beginning", found, len(resume.test_net), len(self.test_nets))
         for net, saved in zip(self.test_nets, resume.test_net):
             net.load_data_states(saved.data_layer, str(found))
-        try:
-            torch.set_rng_state(torch.frombuffer(bytearray(resume.torch_random.cpu), dtype=torch.uint8))
-            if self.device.type == "cuda" and resume.torch_random.cuda:
-                cuda_state = torch.frombuffer(bytearray(resume.torch_random.cuda), dtype=torch.uint8)
-                torch.cuda.set_rng_state(cuda_state, self.device)
-        except (RuntimeError, ValueError) as error:
-            raise WeightsError(f"{found}: its torch generator state cannot be restored ({error})") from None
+        own = self.ranked.own_generator_state(resume, str(found))
+        restore_generators(own if own is not None else resume.torch_random, self.device, str(found))
+        if own is None:
+            self.ranked.seed_missing_generators(resume.torch_random)
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
@@ -423,7 +465,7 @@ class _SignalRequests:
         self.pending.append(name)
 
     def __enter__(self) -> _SignalRequests:
-        for name in ("SIGINT", "SIGHUP"):
+        for name in ("SIGINT", "SIGHUP", "SIGTERM"):
             number = getattr(signal, name, None)
             if number is None:
                 continue

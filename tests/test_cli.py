@@ -84,9 +84,12 @@ def test_missing_variable_says_how_to_set_it(tmp_path, capsys, monkeypatch):
     assert main(["train", f"--solver={solver}", "--set", f"DATA_ROOT={tmp_path}/"]) == 0
 
 
-def test_several_gpus_are_refused(tmp_path, capsys):
-    assert main(["train", f"--solver={solver_file(tmp_path)}", "--gpu=0,1"]) == 1
-    assert "2 devices requested" in error_line(capsys.readouterr().err)
+def test_a_one_device_command_refuses_several_gpus(tmp_path, capsys):
+    """`train --gpu=0,1` trains data-parallel (tests/test_distributed.py); `time` runs on one device."""
+    solver_file(tmp_path)
+    assert main(["time", f"--model={tmp_path / 'net.prototxt'}", "--gpu=0,1"]) == 1
+    assert re.search(r"--gpu=0,1: (this command runs on one device|CUDA is not available)",
+                     error_line(capsys.readouterr().err))
 
 
 def test_solve_module_trains_with_weights_and_set(tmp_path, capsys):

@@ -1,5 +1,6 @@
-"""What every command line shares: `--set`, loading the --model net, the device line of the log, and
-the rule that rloss errors end the program with one line `rloss: error: ...` and exit code 1."""
+"""What every command line shares: `--set`, `--precision`, `--checkpoint_activations`, loading the
+--model net, the device line of the log, and the rule that rloss errors end the program with one line
+`rloss: error: ...` and exit code 1."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from rloss.errors import NetError, RlossError
 from rloss.layers import Layer
 from rloss.net import Net
 from rloss.paths import anchors_of, resolve_net_file
+from rloss.precision import PRECISIONS, check_precision
 from rloss.proto import caffe_pb2
 from rloss.proto.text import read_net
 from rloss.solver_files import build_net, located
@@ -31,6 +33,20 @@ def add_set_flag(parser: argparse.ArgumentParser) -> None:
                              "the environment and the run script's defaults")
 
 
+def add_precision_flag(parser: argparse.ArgumentParser) -> None:
+    # no argparse choices: an unknown name is a PrecisionError (one line, exit 1) like a device's refusal
+    parser.add_argument("--precision", "-precision", default="fp32", metavar="{" + ",".join(PRECISIONS) + "}",
+                        help="what the layers compute in: fp32 (default), or bf16/fp16 under torch.autocast "
+                             "(weights, losses, accuracies and outputs stay float32; fp16 is for CUDA GPUs)")
+
+
+def add_checkpoint_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint_activations", "--checkpoint-activations", "-checkpoint_activations",
+                        action="store_true",
+                        help="keep only the blobs at segment boundaries for backward and recompute the rest "
+                             "(less memory, about one more forward per iteration; gradients unchanged)")
+
+
 def read_model(model: str, sets: Mapping[str, str], phase: int | None = None) -> tuple[Path, caffe_pb2.NetParameter]:
     """The --model file (found as rloss.paths says, its sed template too) and its net, with `${VAR}`s
     from --set, the environment and the run script's defaults; filtered for `phase` when given."""
@@ -42,12 +58,17 @@ def read_model(model: str, sets: Mapping[str, str], phase: int | None = None) ->
 
 
 def load_model(args: argparse.Namespace, phase: int) -> Net:
-    """The --model net for `phase`, its input paths located, on the --gpu device (CPU by default)."""
-    path, net_param = read_model(args.model, parse_assignments(args.set))
+    """The --model net for `phase`, its input paths located, on the --gpu device (CPU by default), in
+    --precision (checked before the net is built), with --checkpoint_activations."""
     device = parse_gpu_flag(args.gpu) if args.gpu else torch.device("cpu")
+    check_precision(args.precision, device)
+    path, net_param = read_model(args.model, parse_assignments(args.set))
     log_device(device)
     net_param = located(net_param, anchors_of(path))
-    return build_net(net_param, phase, caffe_pb2.NetState(), str(path)).to(device)
+    net = build_net(net_param, phase, caffe_pb2.NetState(), str(path)).to(device)
+    net.precision = args.precision
+    net.checkpoint_activations = args.checkpoint_activations
+    return net
 
 
 def accuracy_layer(net: Net) -> Layer | None:

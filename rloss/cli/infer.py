@@ -38,12 +38,13 @@ import torch
 import torch.nn.functional as F
 from google.protobuf import text_format
 
-from rloss.cli.common import prediction_blob, read_model
+from rloss.cli.common import add_precision_flag, prediction_blob, read_model
 from rloss.errors import DataError, NetError, ProtoError
 from rloss.layers.registry import layer_class
 from rloss.metrics import predict_labels
 from rloss.net import Net
 from rloss.palette import VOC_PALETTE, write_label_png
+from rloss.precision import check_precision, to_float32
 from rloss.proto import caffe_pb2
 from rloss.proto.text import read_text
 from rloss.variables import parse_assignments
@@ -212,17 +213,19 @@ def window_pixels(path: Path, reader) -> tuple[tuple[int, int, int, int], np.nda
 
 
 class Segmenter:
-    """A TEST net with its weights that segments images with its own data layer (see module doc)."""
+    """A TEST net with its weights that segments images with its own data layer (see module doc), in
+    `precision` (rloss.precision; the scores it returns are float32 whatever the precision)."""
 
     def __init__(self, model: str, weights: Sequence[str], sets: dict[str, str] | None = None,
                  score_blob: str = "", crf: caffe_pb2.DenseCRFParameter | None = None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, precision: str = "fp32"):
+        self.device = device or torch.device("cpu")
+        self.precision = check_precision(precision, self.device)
         self.model_path, self.net_param = read_model(model, sets or {}, caffe_pb2.TEST)
         self.model_text = read_text(self.model_path)
         self.weights = list(weights)
         self.requested_score_blob = score_blob
         self.crf_param = crf
-        self.device = device or torch.device("cpu")
         self._warned_upsampling = False
 
     @property
@@ -234,6 +237,7 @@ class Segmenter:
         net_param.CopyFrom(self.net_param)
         reader = image_reader(net_param, list_file, str(self.model_path))
         net = Net(net_param, caffe_pb2.TEST, source=str(self.model_path)).to(self.device)
+        net.precision = self.precision
         for weights in self.weights:
             net.copy_from(weights)
         return net, reader
@@ -259,7 +263,7 @@ class Segmenter:
                 with torch.no_grad():
                     net.forward()
                     data, dims = net.blob_data[data_name], net.blob_data[dim_name]
-                    scores = self._at_input_size(net.blob_data[score_name], data, score_name)
+                    scores = self._at_input_size(to_float32(net.blob_data[score_name]), data, score_name)
                     refined = None
                     if self.crf_param is not None:
                         if crf is None:
@@ -320,6 +324,7 @@ def add_infer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mat_write", "-mat_write", default="",
                         help="also write the scores (and CRF output) as MatWrite .mat files in this folder")
     parser.add_argument("--gpu", "-gpu", default="", help="CUDA device id; empty: the CPU")
+    add_precision_flag(parser)
 
 
 def check_infer_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -344,7 +349,8 @@ def infer(args: argparse.Namespace) -> None:
     device = parse_gpu_flag(args.gpu) if args.gpu else torch.device("cpu")
     paths = image_paths(args.image, args.images)
     weights = [w.strip() for w in args.weights.split(",") if w.strip()]
-    segmenter = Segmenter(args.model, weights, parse_assignments(args.set), args.score_blob, None, device)
+    segmenter = Segmenter(args.model, weights, parse_assignments(args.set), args.score_blob, None, device,
+                          args.precision)
     if args.crf:
         segmenter.crf_param, origin = crf_params(args.crf_params, segmenter.model_text, segmenter.net_name)
         log.info("DenseCRF parameters from %s: %s", origin, text_format.MessageToString(segmenter.crf_param,

@@ -9,15 +9,19 @@
 * `infer`: segment one image or a folder with a test net (VOC-palette PNGs, overlays, optional
   DenseCRF post-processing and MatWrite .mat features; see rloss.cli.infer).
 
+`test`, `time` and `infer` take `--precision {fp32,bf16,fp16}` (rloss.precision), `test` and `time`
+`--checkpoint_activations`.
+
 Errors in the user's files end with one line `rloss: error: ...` (exit 1); bad flags exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Callable, Sequence
 
-from rloss.cli.common import add_set_flag, run
+from rloss.cli.common import add_checkpoint_flag, add_precision_flag, add_set_flag, run
 from rloss.cli.evaluate import test
 from rloss.cli.infer import add_infer_flags, check_infer_args, infer
 from rloss.cli.timing import device_query, time_command
@@ -53,6 +57,8 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-model", default="", help="net prototxt")
     parser.add_argument("--iterations", "-iterations", type=int, default=50, help="forward passes (default 50)")
     parser.add_argument("--gpu", "-gpu", default="", help="CUDA device id; empty: the CPU")
+    add_precision_flag(parser)
+    add_checkpoint_flag(parser)
     add_set_flag(parser)
 
 
@@ -70,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "train":
         check_train_args(parser, args)
+        args.relaunch = ("rloss", list(sys.argv[1:] if argv is None else argv))
     elif args.command == "infer":
         check_infer_args(parser, args)
     elif args.command in ("test", "time"):

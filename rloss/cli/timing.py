@@ -1,5 +1,6 @@
-"""`python -m rloss time` (caffe.bin time: average forward and backward milliseconds per layer) and
-`device_query`."""
+"""`python -m rloss time` (caffe.bin time: average forward and backward milliseconds per layer, then
+rloss's memory lines: per layer the bytes of its tops and of what autograd saves for its backward,
+and the peak of a forward-backward) and `device_query`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from rloss.caffe_log import caffe_float, caffe_number
 from rloss.cli.common import load_model
+from rloss.memory import MemoryProbe, lattice_bytes
 from rloss.net import Net
 from rloss.proto import caffe_pb2
 
@@ -136,6 +138,41 @@ def time_command(args: argparse.Namespace) -> None:
     log.info("Average Forward-Backward: %s ms.", caffe_number(total / count))
     log.info("Total Time: %s ms.", caffe_number(total))
     log.info("*** Benchmark ends ***")
+    log_memory(net)
+
+
+def megabytes(count: int) -> str:
+    return caffe_number(count / 2**20)
+
+
+def log_memory(net: Net) -> None:
+    """Memory of a forward-backward as the timed loop runs it (the second of two passes runs beside
+    the blobs the first left in the net): per layer the bytes of its tops and of the tensors autograd
+    saves for its backward, each storage counted once; the peak, measured as the log line says."""
+    for tensor in net.learnable_tensors():
+        tensor.grad = None
+
+    def step() -> None:
+        target = objective(net, net.forward())
+        if target is not None:
+            target.backward()
+
+    probe = MemoryProbe(net).run(step)
+    log.info("Memory per layer (MB; tops, and tensors saved for backward; each storage counted once): ")
+    for index, name in enumerate(probe.names):
+        log.info("%10s\tmemory: tops %s MB, saved for backward %s MB.", name, megabytes(probe.tops[index]),
+                 megabytes(probe.saved[index]))
+    log.info("Total tops: %s MB, saved for backward: %s MB.", megabytes(sum(probe.tops)), megabytes(sum(probe.saved)))
+    if probe.cuda_peak is not None:
+        log.info("Peak memory of forward-backward: %s MB (torch.cuda.max_memory_allocated on %s).",
+                 megabytes(probe.cuda_peak), net.device)
+    else:
+        log.info("Peak memory of forward-backward: %s MB (the parameters plus the tensor storages alive at once, "
+                 "counted as each operator returns them; without allocator overhead, memory an operator frees "
+                 "before returning, and the DenseCRF lattices).", megabytes(probe.peak))
+    lattices = lattice_bytes()
+    if lattices:
+        log.info("DenseCRF lattices in their pool (C++, besides the peak above): %s MB.", megabytes(lattices))
 
 
 def device_query(args: argparse.Namespace) -> None:

@@ -76,6 +76,10 @@ class Dropout(Layer):
 class Softmax(Layer):
     """Softmax along `axis` (default 1, the channels)."""
 
+    # Its probabilities feed losses (DenseCRFLoss) and inference: in bf16 they keep 2-3 digits and
+    # small ones flush to 0. CUDA's autocast runs softmax in float32 too; here on every device.
+    runs_in_float32 = True
+
     def setup(self, bottom_shapes: list[Shape]) -> None:
         self.axis = canonical_axis(self, self.param.softmax_param.axis, bottom_shapes[0])
 
@@ -110,6 +114,9 @@ class BatchNorm(Layer):
         broken (it divides by a stale buffer, see golden bn_global_false); no experiment uses it.
     """
 
+    # Variances are means of squares (cancellation-prone in bf16) and update float32 statistics.
+    runs_in_float32 = True
+
     def setup(self, bottom_shapes: list[Shape]) -> None:
         param, shape = self.param.batch_norm_param, bottom_shapes[0]
         if len(shape) < 2 or shape[1] < 1:
@@ -124,6 +131,7 @@ class BatchNorm(Layer):
         self.updates_stats = (
             self.use_global_stats and self.phase == caffe_pb2.TRAIN and param.update_global_stats
         )
+        self.recomputable = not self.updates_stats  # a recomputed forward would update the statistics twice
         self.channels = shape[1]
         for blob_shape in ((self.channels,), (self.channels,), (1,)):
             self.add_blob(blob_shape)

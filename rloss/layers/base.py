@@ -32,6 +32,11 @@ class Layer(nn.Module):
       default_loss_weight: loss weight of top 0 when the prototxt gives none (1 for Caffe loss layers).
       no_gradient_bottoms: bottom indices that can never receive a gradient (labels); asking for
         one is an error, as in Caffe.
+      runs_in_float32: under bf16/fp16 autocast the Net runs the layer with autocast off and its
+        bf16/fp16 bottoms cast to float32 (losses, accuracies: numerically sensitive or user-facing).
+      recomputable: the forward is a function of the bottoms, the parameters and torch's generator
+        only, so activation checkpointing may run it again in backward (False for a layer that updates
+        state in forward; an instance may set it in `setup`).
     """
 
     type_name: ClassVar[str] = ""
@@ -41,6 +46,8 @@ class Layer(nn.Module):
     default_loss_weight: ClassVar[float] = 0.0
     no_gradient_bottoms: ClassVar[tuple[int, ...]] = ()
     feedable: ClassVar[bool] = False  # its tops take tensors from the caller (`feed`), as net inputs do
+    runs_in_float32: ClassVar[bool] = False
+    recomputable: bool = True
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int = caffe_pb2.TRAIN):
         super().__init__()

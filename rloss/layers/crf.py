@@ -44,6 +44,7 @@ class DenseCRFLoss(Layer):
     auto_tops = 1
     default_loss_weight = 0.0
     no_gradient_bottoms = (0,)
+    runs_in_float32 = True  # the lattice filters float32; the energy is a small difference of large sums
 
     def setup(self, bottom_shapes: list[Shape]) -> None:
         param = self.param.densecrf_loss_param
@@ -107,6 +108,7 @@ class DenseCRF(Layer):
     bottoms = (2, 3)
     tops = (1, 1)
     no_gradient_bottoms = (0, 1, 2)
+    runs_in_float32 = True  # mean-field on the float32 lattice; its Q is the final segmentation
 
     def setup(self, bottom_shapes: list[Shape]) -> None:
         param = self.param.dense_crf_param

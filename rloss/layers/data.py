@@ -10,17 +10,58 @@ resumed run reads the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Sequence
 
 import numpy as np
 import torch
 
-from rloss.errors import DataError, NetError, WeightsError
+from rloss.errors import DataError, DistributedError, NetError, WeightsError
 from rloss.layers.base import Layer, Shape
 from rloss.layers.fillers import fill
 from rloss.layers.registry import register_layer
 from rloss.proto import caffe_pb2
+
+
+def torch_drawn_seed() -> int:
+    """A seed drawn from torch's global generator (so `torch.manual_seed` fixes the data order)."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def generator_message(state: dict) -> caffe_pb2.PCG64State:
+    """A numpy PCG64 state dict as the schema's PCG64State."""
+    if state.get("bit_generator") != "PCG64":
+        raise ValueError(f"expected a PCG64 generator state, got {state.get('bit_generator')}")
+    inner = state["state"]
+    return caffe_pb2.PCG64State(state=inner["state"].to_bytes(16, "big"), increment=inner["inc"].to_bytes(16, "big"),
+                                has_uint32=bool(state["has_uint32"]), uinteger=int(state["uinteger"]))
+
+
+def generator_state(message: caffe_pb2.PCG64State) -> dict | None:
+    """The PCG64 state dict of a PCG64State, or None when its numbers are not 128-bit."""
+    if len(message.state) != 16 or len(message.increment) != 16:
+        return None
+    return {"bit_generator": "PCG64",
+            "state": {"state": int.from_bytes(message.state, "big"), "inc": int.from_bytes(message.increment, "big")},
+            "has_uint32": int(message.has_uint32), "uinteger": int(message.uinteger)}
+
+
+@dataclass
+class DataShare:
+    """Which batches of the one-process sequence a data layer reads: `rank`, `rank + ranks`, ...
+    (Caffe's multi-GPU data order; with 1 rank, all of them)."""
+
+    rank: int = 0
+    ranks: int = 1
+
+    def check(self, batches_per_pass: int, what: str) -> None:
+        """Refuse more ranks than `what` has batches in a pass: ranks would read the same samples in
+        the same update."""
+        if self.ranks > batches_per_pass:
+            raise DistributedError(f"{what} makes {batches_per_pass} batch{'es' if batches_per_pass > 1 else ''} "
+                                   f"per pass, fewer than the {self.ranks} ranks; use fewer ranks or a smaller "
+                                   "batch_size")
 
 
 class SourceLayer(Layer):
@@ -185,8 +226,9 @@ class HDF5Data(SourceLayer):
     `source` (paths relative to the working directory). Rows are taken in order (or a permutation
     when `shuffle`); a batch running past the end of a file continues in the next file, wrapping
     to the first; with `shuffle` the file order is redrawn at each wrap and the rows of a file each
-    time it is (re)started. Every file is loaded whole, as Caffe does. Its shuffles draw from torch's
-    global generator, which the solver state saves beside this layer's position."""
+    time it is (re)started. Every file is loaded whole, as Caffe does. Its shuffles draw from the
+    layer's own generator (seeded from torch's when built), saved with its position, so that ranks
+    of a data-parallel run, whose torch generators differ, deal one order (`shard`)."""
 
     has_data_state = True
 
@@ -199,6 +241,8 @@ class HDF5Data(SourceLayer):
         self.batch_size = int(hdf5.batch_size)
         self.shuffle = bool(hdf5.shuffle)
         self.source = hdf5.source
+        self.share = DataShare()
+        self.rng = np.random.default_rng(torch_drawn_seed())
         self.files = _read_list(self, self.source)
         self.file_order = self._permutation(len(self.files))
         self.file_cursor = 0
@@ -209,6 +253,17 @@ class HDF5Data(SourceLayer):
         return [(self.batch_size, *shape) for shape in self.sample_shapes]
 
     def forward(self) -> list[torch.Tensor]:  # type: ignore[override]
+        batches = [self._next_batch() for _ in range(self.share.ranks)]
+        return [self.place(top) for top in batches[self.share.rank]]
+
+    def shard(self, rank: int, ranks: int) -> None:
+        """Read only the batches `rank`, `rank + ranks`, ... of the sequence (data-parallel training)."""
+        rows = sum(_row_count(self, name, line) for name, line in self.files)
+        DataShare(rank, ranks).check(-(-rows // self.batch_size), f"layer '{self.name}' (type HDF5Data): "
+                                     f"the {rows} rows of the files in '{self.source}'")
+        self.share.rank, self.share.ranks = rank, ranks
+
+    def _next_batch(self) -> list[np.ndarray]:
         chunks: list[list[np.ndarray]] = [[] for _ in range(self.num_tops)]
         remaining = self.batch_size
         while remaining:
@@ -219,25 +274,32 @@ class HDF5Data(SourceLayer):
                 top_chunks.append(array[taken])
             self.row += len(taken)
             remaining -= len(taken)
-        return [self.place(np.concatenate(top_chunks)) for top_chunks in chunks]
+        return [np.concatenate(top_chunks) for top_chunks in chunks]
 
     def data_state(self) -> caffe_pb2.DataLayerState:
         return self.new_data_state(cursor=self.row, order=self.row_order.tolist(), file_cursor=self.file_cursor,
-                                   file_order=self.file_order.tolist())
+                                   file_order=self.file_order.tolist(),
+                                   generator=generator_message(self.rng.bit_generator.state))
 
     def load_data_state(self, state: caffe_pb2.DataLayerState) -> None:
-        """Reload the file `state` was in and continue at its row (nothing is drawn)."""
+        """Reload the file `state` was in and continue at its row and generator (nothing is drawn);
+        a state without a generator (written before the layer had its own) keeps the current one."""
         file_order = self.saved_order(state.file_order, len(self.files), f"file order of the list '{self.source}'")
         file_cursor = self.saved_index(state.file_cursor, len(self.files) - 1, "file position")
         arrays = self._read_file(int(file_order[file_cursor]))
         where = f"row order of HDF5 file '{self.files[file_order[file_cursor]][0]}'"
         row_order = self.saved_order(state.order, len(arrays[0]), where)
         self.row = self.saved_index(state.cursor, len(row_order), "row")
+        generator = generator_state(state.generator) if state.HasField("generator") else None
+        if state.HasField("generator") and generator is None:
+            raise self.state_error("the saved state has no valid PCG64 generator (16-byte state and increment)")
         self.file_order, self.file_cursor, self.arrays, self.row_order = file_order, file_cursor, arrays, row_order
+        if generator is not None:
+            self.rng.bit_generator.state = generator
 
     def _permutation(self, count: int) -> np.ndarray:
         if self.shuffle:
-            return torch.randperm(count).numpy()
+            return self.rng.permutation(count)
         return np.arange(count)
 
     def _next_file(self) -> None:
@@ -266,6 +328,19 @@ class HDF5Data(SourceLayer):
                                     f"{list(self.param.top)}, the first file had {self.sample_shapes}")
         self.sample_shapes = shapes
         return arrays
+
+
+def _row_count(layer: Layer, name: str, line: int) -> int:
+    """The rows of the file's first top dataset, read from its header (no data loaded)."""
+    import h5py
+
+    try:
+        with h5py.File(name, "r") as h5:
+            dataset = h5.get(layer.param.top[0])
+            return int(dataset.shape[0]) if isinstance(dataset, h5py.Dataset) and dataset.ndim else 0
+    except OSError as error:
+        raise _data_error(layer, f"HDF5 file '{name}' (line {line} of the list '{layer.source}') "
+                                 f"cannot be read: {error}") from error
 
 
 def _read_datasets(layer: Layer, name: str, where: str) -> list[np.ndarray]:

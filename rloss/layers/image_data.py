@@ -32,7 +32,7 @@ from rloss.data.resize import resize_linear, resize_nearest
 from rloss.data.transform import TransformConfig, transform_image, transform_segmentation
 from rloss.errors import DataError
 from rloss.layers.base import Shape
-from rloss.layers.data import SourceLayer
+from rloss.layers.data import DataShare, SourceLayer, generator_message, generator_state, torch_drawn_seed
 from rloss.layers.registry import register_layer
 from rloss.proto import caffe_pb2
 
@@ -123,36 +123,18 @@ class _ClassReader(_Reader):
         return Sample(self.where(entry), (data, np.array(float(entry.label), dtype=np.float32)))
 
 
-def _torch_seed() -> int:
-    """A seed drawn from torch's global generator (so `torch.manual_seed` fixes the data order)."""
-    return int(torch.randint(0, 2**62, (1,)).item())
-
-
-def _planner(order: SampleOrder, rng: np.random.Generator, batch_size: int) -> Callable[[], list]:
-    """The next batch's (entry index, per-sample seed) pairs, drawn in the consumer thread."""
+def _planner(order: SampleOrder, rng: np.random.Generator, batch_size: int,
+             share: DataShare) -> Callable[[], list]:
+    """The next batch's (entry index, per-sample seed) pairs, drawn in the consumer thread: the
+    batches of all `share.ranks` ranks are drawn, so every rank's order and generator stay those of
+    one process, and this rank's is kept."""
 
     def plan() -> list[tuple[int, int]]:
-        return [(index, int(rng.integers(2**63))) for index in order.take(batch_size)]
+        batches = [[(index, int(rng.integers(2**63))) for index in order.take(batch_size)]
+                   for _ in range(share.ranks)]
+        return batches[share.rank]
 
     return plan
-
-
-def _generator_message(state: dict) -> caffe_pb2.PCG64State:
-    """A numpy PCG64 state dict as the schema's PCG64State."""
-    if state.get("bit_generator") != "PCG64":
-        raise ValueError(f"expected a PCG64 generator state, got {state.get('bit_generator')}")
-    inner = state["state"]
-    return caffe_pb2.PCG64State(state=inner["state"].to_bytes(16, "big"), increment=inner["inc"].to_bytes(16, "big"),
-                                has_uint32=bool(state["has_uint32"]), uinteger=int(state["uinteger"]))
-
-
-def _generator_state(message: caffe_pb2.PCG64State) -> dict | None:
-    """The PCG64 state dict of a PCG64State, or None when its numbers are not 128-bit."""
-    if len(message.state) != 16 or len(message.increment) != 16:
-        return None
-    return {"bit_generator": "PCG64",
-            "state": {"state": int.from_bytes(message.state, "big"), "inc": int.from_bytes(message.increment, "big")},
-            "has_uint32": int(message.has_uint32), "uinteger": int(message.uinteger)}
 
 
 class _ImageListLayer(SourceLayer):
@@ -177,13 +159,14 @@ class _ImageListLayer(SourceLayer):
         self.source = data_param.source
         entries = read_list(self.source, self.needs_label_token(), self.who)
         self.check_labels(entries)
-        rng = np.random.default_rng(_torch_seed())
+        rng = np.random.default_rng(torch_drawn_seed())
         self.order = SampleOrder(len(entries), bool(data_param.shuffle), rng,
                                  self._skip(data_param.rand_skip, len(entries), rng))
         self.reader = self.make_reader(entries, self._transform_config(), self._new_size(data_param))
         self.sample_shapes = self.first_sample_shapes(entries[self.order.peek()])
         self.check_top_shapes(self.reshape(bottom_shapes))  # before the loaders allocate batches
-        self.prefetcher = Prefetcher(_planner(self.order, rng, self.batch_size), self.reader,
+        self.share = DataShare()
+        self.prefetcher = Prefetcher(_planner(self.order, rng, self.batch_size, self.share), self.reader,
                                      depth=PREFETCH_BATCHES, name=f"rloss-data-{self.name}",
                                      capture=self.order.state)
         self._stop_workers = weakref.finalize(self, self.prefetcher.close)
@@ -216,17 +199,25 @@ class _ImageListLayer(SourceLayer):
         """The position after the batches `forward` has returned (the read-ahead is not counted)."""
         position: OrderState = self.prefetcher.consumed_state()
         return self.new_data_state(epoch=position.epoch, cursor=position.cursor, order=position.order.tolist(),
-                                   generator=_generator_message(position.generator))
+                                   generator=generator_message(position.generator))
 
     def load_data_state(self, state: caffe_pb2.DataLayerState) -> None:
         """Continue after the batches `state` counts: the batches read ahead are dropped and the
         prefetcher plans again from the restored order and generator."""
         order = self.saved_order(state.order, self.order.count, f"sample order of the list '{self.source}'")
         cursor = self.saved_index(state.cursor, self.order.count - 1, "list position")
-        generator = _generator_state(state.generator)
+        generator = generator_state(state.generator)
         if generator is None:
             raise self.state_error("the saved state has no valid PCG64 generator (16-byte state and increment)")
         self.order.set_state(OrderState(order, cursor, int(state.epoch), generator))
+        self.prefetcher.restart()
+
+    def shard(self, rank: int, ranks: int) -> None:
+        """Read only the batches `rank`, `rank + ranks`, ... of the sequence (data-parallel training);
+        the batches read ahead so far are planned again."""
+        DataShare(rank, ranks).check(-(-self.order.count // self.batch_size), f"{self.who}: the list '{self.source}'")
+        self.order.set_state(self.prefetcher.consumed_state())
+        self.share.rank, self.share.ranks = rank, ranks
         self.prefetcher.restart()
 
     @property

@@ -81,6 +81,7 @@ class SoftmaxWithLoss(Layer):
     auto_tops = 1
     default_loss_weight = 1.0
     no_gradient_bottoms = (1,)
+    runs_in_float32 = True  # log-softmax over bf16/fp16 scores would lose the loss's small differences
 
     def setup(self, bottom_shapes: list[Shape]) -> None:
         loss_param = self.param.loss_param
@@ -125,6 +126,7 @@ class Accuracy(Layer):
 
     bottoms = (2, 2)
     tops = (1, 2)
+    runs_in_float32 = True  # a bf16 top would round the reported accuracy to 2-3 digits
 
     def setup(self, bottom_shapes: list[Shape]) -> None:
         accuracy_param = self.param.accuracy_param
@@ -173,6 +175,7 @@ class SegAccuracy(Layer):
 
     bottoms = (2, 2)
     tops = (1, 1)
+    runs_in_float32 = True  # its top (the reported metrics) in bf16 would keep 2-3 digits
 
     def setup(self, bottom_shapes: list[Shape]) -> None:
         self.check_axes(bottom_shapes, 0, 4)
@@ -180,6 +183,7 @@ class SegAccuracy(Layer):
         seg_param = self.param.seg_accuracy_param
         self.ignore_labels = frozenset(int(v) for v in seg_param.ignore_label)
         self.reset = bool(seg_param.reset)
+        self.recomputable = self.reset  # an accumulating matrix would count a recomputed batch twice
         self.num_classes = bottom_shapes[0][1]
         if self.num_classes < 1:
             raise self.error(f"the scores {bottom_shapes[0]} need at least one class (channel)")
