@@ -22,8 +22,12 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 RLOSS="${PYTHON} -m rloss"
 RLOSS_TRAIN=${RLOSS_TRAIN:-${RLOSS}}
-EXP=${EXP:-pascal_scribble}
-NET_ID=${NET_ID:-small_fcn}
+DEFAULTED=""
+default() {  # default NAME VALUE: NAME takes VALUE unless set; the values taken are printed at the start
+  if eval "[ -z \"\${$1:-}\" ]"; then eval "$1=\$2"; DEFAULTED="${DEFAULTED} $1=$2"; fi
+}
+default EXP pascal_scribble
+default NET_ID small_fcn
 TRAIN_SET=${TRAIN_SET:-train${TRAIN_SET_SUFFIX:-}}
 TEST_SET=${TEST_SET:-val}
 RUN_TRAIN=${RUN_TRAIN:-1}
@@ -31,31 +35,48 @@ RUN_TRAINWITHDENSECRFLOSS=${RUN_TRAINWITHDENSECRFLOSS:-1}
 RUN_TEST=${RUN_TEST:-1}
 RUN_CONTROL=${RUN_CONTROL:-0}
 RUN_FULL=${RUN_FULL:-0}
-MODEL_DIR=${MODEL_DIR:-${EXP}/model/${NET_ID}}
-LOG_DIR=${LOG_DIR:-${EXP}/log/${NET_ID}}
 GPU_FLAG="${DEV_ID:+--gpu=${DEV_ID}} ${PRECISION:+--precision=${PRECISION}}"
 TEST_GPU_FLAG="${DEV_ID:+--gpu=${DEV_ID%%,*}} ${PRECISION:+--precision=${PRECISION}}"
 
 if [ "${NET_ID}" = small_fcn ]; then
-  CONFIG_DIR=${CONFIG_DIR:-../prototxt/small_fcn}
-  if [ -z "${DATA_ROOT:-}" ]; then
+  default CONFIG_DIR ../prototxt/small_fcn
+  if [ -z "${DATA_ROOT:-}" ]; then  # the embedded default: synthetic shapes, the demo's settings
     DATA_ROOT=${EXP}/data/synthetic/
     [ -f "${DATA_ROOT}list/train.txt" ] || ${PYTHON} -m rloss.data.synthetic "${DATA_ROOT}" --train 60 --val 20 --size 97 --classes 4
+    for v in CROP_SIZE=97 BATCH_SIZE=10 BI_XY_STD=30 BI_RGB_STD=15 DENSECRF_LOSS_WEIGHT=2e-6 DENSECRF_SCALE=1; do
+      default "${v%%=*}" "${v#*=}"
+    done
+  else  # one's own data (python -m rloss data prepare): the image-size preset (rloss/presets.py)
+    DATA_ROOT=${DATA_ROOT%/}/
+    PRESET_VALUES=$(${PYTHON} -m rloss.presets "${DATA_ROOT}" "${PRESET:-auto}") || exit 1
+    for v in ${PRESET_VALUES}; do default "${v%%=*}" "${v#*=}"; done
   fi
-  NUM_LABELS=${NUM_LABELS:-$(grep -c -v '^255 ' "${DATA_ROOT}classes.txt")}
-  LIST_DIR=${LIST_DIR:-${DATA_ROOT}list}
-  DENSECRF_LOSS_WEIGHT=${DENSECRF_LOSS_WEIGHT:-2e-6}
-  SMALL_VARS="CROP_SIZE=${CROP_SIZE:-97} TEST_CROP_SIZE=${TEST_CROP_SIZE:-${CROP_SIZE:-97}} BATCH_SIZE=${BATCH_SIZE:-10} BI_XY_STD=${BI_XY_STD:-30} BI_RGB_STD=${BI_RGB_STD:-15}
-    MAX_ITER=${MAX_ITER:-300} STEPSIZE=${STEPSIZE:-200} BASE_LR=${BASE_LR:-0.001}
-    MAX_ITER2=${MAX_ITER2:-150} STEPSIZE2=${STEPSIZE2:-100} BASE_LR2=${BASE_LR2:-0.001}"
+  for v in TEST_CROP_SIZE="${CROP_SIZE}" MAX_ITER=300 STEPSIZE=200 BASE_LR=0.001 MAX_ITER2=150 STEPSIZE2=100 \
+           BASE_LR2="${BASE_LR:-0.001}"; do
+    default "${v%%=*}" "${v#*=}"
+  done
+  [ -n "${NUM_LABELS:-}" ] || NUM_LABELS=$(grep -c -v '^255 ' "${DATA_ROOT}classes.txt")
+  default LIST_DIR "${DATA_ROOT}list"
+  default MODEL_DIR "${EXP}/model/$(basename "${DATA_ROOT%/}")/${NET_ID}"  # one folder per dataset and net
+  default LOG_DIR "${EXP}/log/$(basename "${DATA_ROOT%/}")/${NET_ID}"
+  SMALL_VARS="CROP_SIZE=${CROP_SIZE} TEST_CROP_SIZE=${TEST_CROP_SIZE} BATCH_SIZE=${BATCH_SIZE} BI_XY_STD=${BI_XY_STD}
+    BI_RGB_STD=${BI_RGB_STD} DENSECRF_SCALE=${DENSECRF_SCALE} MAX_ITER=${MAX_ITER} STEPSIZE=${STEPSIZE}
+    BASE_LR=${BASE_LR} MAX_ITER2=${MAX_ITER2} STEPSIZE2=${STEPSIZE2} BASE_LR2=${BASE_LR2}"
 else
-  CONFIG_DIR=${CONFIG_DIR:-${EXP}/config/${NET_ID}}
+  default CONFIG_DIR "${EXP}/config/${NET_ID}"
   : "${DATA_ROOT:?set DATA_ROOT to the folder of the PASCAL scribble data (with a trailing /)}"
-  NUM_LABELS=${NUM_LABELS:-21}
-  LIST_DIR=${LIST_DIR:-${EXP}/list}
-  DENSECRF_LOSS_WEIGHT=${DENSECRF_LOSS_WEIGHT:-1e-8}
+  if [ -z "${NUM_LABELS:-}" ] && [ -f "${DATA_ROOT%/}/classes.txt" ]; then
+    NUM_LABELS=$(grep -c -v '^255 ' "${DATA_ROOT%/}/classes.txt")
+  fi
+  default NUM_LABELS 21  # PASCAL's: printed below, with the Caffe files' loss weight, for other data to see
+  default DENSECRF_LOSS_WEIGHT 1e-8
+  default LIST_DIR "${EXP}/list"
+  default MODEL_DIR "${EXP}/model/${NET_ID}"  # the original layout: the init models are there
+  default LOG_DIR "${EXP}/log/${NET_ID}"
   SMALL_VARS=""
 fi
+echo "rloss run script: NET_ID=${NET_ID} DATA_ROOT=${DATA_ROOT} NUM_LABELS=${NUM_LABELS}"
+echo "taken from the defaults:${DEFAULTED}"
 mkdir -p "${MODEL_DIR}" "${LOG_DIR}"
 
 set_vars() {  # the --set flags of every rloss call: the original's sed variables plus ours
@@ -76,7 +97,11 @@ run() {  # echo the command, run it with its log, echo it again (as the original
   status_file="${LOG_DIR}/.status"
   { "$@" 2>&1; echo $? > "${status_file}"; } | tee "${LOG_DIR}/${log}"
   status=$(cat "${status_file}"); rm -f "${status_file}"
-  if [ "${status}" != 0 ]; then echo "Failed (exit ${status}): $*" >&2; exit "${status}"; fi
+  if [ "${status}" != 0 ]; then
+    echo "Failed (exit ${status}): $*" >&2
+    echo "rloss run script: ${log%.log} failed; its log is ${LOG_DIR}/${log}" >&2
+    exit "${status}"
+  fi
   echo "Done: $*"
 }
 
@@ -121,19 +146,31 @@ if [ "${RUN_TEST}" = 1 ]; then
   TEST_ITER=$(grep -c . "${LIST_DIR}/${TEST_SET}.txt")
   RESULTS=${LOG_DIR}/results.txt
   : > "${RESULTS}"
-  for entry in "partial cross-entropy:${MODEL_DIR}/train" "+ DenseCRF loss:${MODEL_DIR}/trainwithdensecrfloss" \
-               "partial cross-entropy, as long (control):${MODEL_DIR}/control/trainwithdensecrfloss" \
-               "full supervision:${MODEL_DIR}/full/train"; do
-    label=${entry%%:*}
-    model=$(latest "${entry#*:}")
+  for entry in "pce:partial cross-entropy:${MODEL_DIR}/train" "densecrf:+ DenseCRF loss:${MODEL_DIR}/trainwithdensecrfloss" \
+               "control:partial cross-entropy, as long (control):${MODEL_DIR}/control/trainwithdensecrfloss" \
+               "full:full supervision:${MODEL_DIR}/full/train"; do
+    name=${entry%%:*}; rest=${entry#*:}; label=${rest%%:*}
+    model=$(latest "${rest#*:}")
     [ -n "${model}" ] || continue
-    run "test_$(basename "${model}" .caffemodel).log" ${RLOSS} test --model="${CONFIG_DIR}/test.prototxt" --weights="${model}" \
-      --iterations="${TEST_ITER}" ${TEST_GPU_FLAG} $(set_vars) --metrics_json="${LOG_DIR}/metrics.json"
+    run "test_${name}.log" ${RLOSS} test --model="${CONFIG_DIR}/test.prototxt" --weights="${model}" \
+      --iterations="${TEST_ITER}" ${TEST_GPU_FLAG} $(set_vars) --metrics_json="${LOG_DIR}/metrics_${name}.json"
     ${PYTHON} -c "import json,sys; m=json.load(open(sys.argv[1])); print('%-42s %6.2f %6.2f  %s' % (sys.argv[2], 100*m['mean_iou'], 100*m['pixel_accuracy'], sys.argv[3]))" \
-      "${LOG_DIR}/metrics.json" "${label}" "${model}" >> "${RESULTS}"
+      "${LOG_DIR}/metrics_${name}.json" "${label}" "${model}" >> "${RESULTS}"
   done
   echo
   echo "${NET_ID} on ${TEST_SET} (${TEST_ITER} images)"
   printf '%-42s %6s %6s  %s\n' "model" "mIoU" "pixAcc" "weights"
   cat "${RESULTS}"
+fi
+
+TRAIN_LOGS=""
+for log in train trainwithdensecrfloss control full; do
+  [ -f "${LOG_DIR}/${log}.log" ] && TRAIN_LOGS="${TRAIN_LOGS} ${LOG_DIR}/${log}.log"
+done
+if [ -n "${TRAIN_LOGS}" ]; then  # the training curves beside the logs (needs matplotlib; not fatal)
+  if ${RLOSS} plot ${TRAIN_LOGS} -o "${LOG_DIR}/curves.png" --csv "${LOG_DIR}/curves.csv"; then
+    echo "training curves: ${LOG_DIR}/curves.png (values in ${LOG_DIR}/curves.csv)"
+  else
+    echo "no training curves (python -m rloss plot failed; see above)" >&2
+  fi
 fi

@@ -79,7 +79,8 @@ NETS = {
         HERE.parent / "prototxt" / "small_fcn" / "solverwithdensecrfloss.prototxt",
         HERE.parent / "prototxt" / "small_fcn" / "trainwithdensecrfloss.prototxt",
         {"CONFIG_DIR": ".", "MODEL_DIR": ".", "LIST_DIR": ".", "STEPSIZE2": "100", "BASE_LR2": "0.001",
-         "MAX_ITER2": "1", "BATCH_SIZE": "1", "BI_XY_STD": "30", "BI_RGB_STD": "15"},
+         "MAX_ITER2": "1", "BATCH_SIZE": "1", "BI_XY_STD": "30", "BI_RGB_STD": "15",
+         "DENSECRF_SCALE": "1"},
         4, 2e-6),
     "deeplab_largeFOV": NetFiles(
         HERE / "pascal_scribble" / "config" / "deeplab_largeFOV" / "solverwithdensecrfloss.prototxt",

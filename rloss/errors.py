@@ -76,3 +76,9 @@ class MemoryPlanError(RlossError):
 
 class DistributedError(RlossError):
     """A data-parallel run that cannot start or go on: devices, ranks, data too small, a lost rank."""
+
+
+class LogError(RlossError):
+    """Training curves that cannot be had: a log without training lines, a figure format or an output
+    file that cannot be written, or the optional package for drawing (matplotlib) or TensorBoard
+    (tensorboard) missing."""

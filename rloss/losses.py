@@ -95,6 +95,26 @@ def densecrf_loss(image: torch.Tensor, segmentation: torch.Tensor, mask: torch.T
     return DenseCRFLossFunction.apply(segmentation, terms, make_error)
 
 
+def downscaled(factor: float, images: torch.Tensor, segmentations: torch.Tensor, rois: torch.Tensor | None,
+               make_error: ErrorFactory) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The port's scale_factor: images and rois resampled nearest, segmentations bilinear
+    (align_corners=False), to floor(size * factor); the loss then takes sigma_xy * factor. Autograd
+    carries the gradient back through the bilinear resampling. Sizes that would reach 0 are refused
+    before F.interpolate fails on them."""
+    if factor == 1.0:
+        return images, segmentations, rois
+    height, width = images.shape[2:]
+    scaled = (math.floor(height * factor), math.floor(width * factor))
+    if min(scaled) < 1:
+        raise make_error(f"scale_factor {factor:g} shrinks the {height}x{width} images to {scaled[0]}x{scaled[1]} "
+                         f"pixels (the loss needs at least 1x1): use a scale_factor of at least 1/{min(height, width)}")
+    images = F.interpolate(images, scale_factor=factor)
+    segmentations = F.interpolate(segmentations, scale_factor=factor, mode="bilinear", align_corners=False)
+    if rois is not None:
+        rois = F.interpolate(rois.unsqueeze(1), scale_factor=factor).squeeze(1)
+    return images, segmentations, rois
+
+
 def _module_error(message: str) -> RlossError:
     return RlossError(f"DenseCRFLoss: {message}")
 
@@ -123,26 +143,11 @@ class DenseCRFLoss(nn.Module):
 
     def forward(self, images: torch.Tensor, segmentations: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         _check_module_shapes(images, segmentations, rois)
-        images, segmentations, rois = images.float(), segmentations.float(), rois.float()
-        if self.scale_factor != 1.0:
-            self._check_scaled_size(*images.shape[2:])
-            images = F.interpolate(images, scale_factor=self.scale_factor)
-            segmentations = F.interpolate(
-                segmentations, scale_factor=self.scale_factor, mode="bilinear", align_corners=False
-            )
-            rois = F.interpolate(rois.unsqueeze(1), scale_factor=self.scale_factor).squeeze(1)
+        images, segmentations, rois = downscaled(self.scale_factor, images.float(), segmentations.float(),
+                                                 rois.float(), _module_error)
         loss = densecrf_loss(images, segmentations, rois, self.sigma_rgb, self.sigma_xy * self.scale_factor,
                              _module_error)
         return (self.weight * loss).reshape(1)
-
-    def _check_scaled_size(self, height: int, width: int) -> None:
-        """F.interpolate's output size is floor(size * scale_factor); refuse before it fails on 0."""
-        scaled = (math.floor(height * self.scale_factor), math.floor(width * self.scale_factor))
-        if min(scaled) < 1:
-            raise _module_error(
-                f"scale_factor {self.scale_factor} shrinks the {height}x{width} images to {scaled[0]}x{scaled[1]} "
-                f"pixels (the loss needs at least 1x1): use a scale_factor of at least 1/{min(height, width)}"
-            )
 
     def extra_repr(self) -> str:
         return (f"weight={self.weight}, sigma_rgb={self.sigma_rgb}, sigma_xy={self.sigma_xy}, "

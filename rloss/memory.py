@@ -402,8 +402,7 @@ def trial_net(net: Net, batch: int, device: torch.device | None = None) -> Net:
             add_input(name, shape)
     trial = Net(out, net.phase, source=net.source).to(device or net.device)
     for option in RUN_OPTIONS:  # after the move: a precision is checked against the device
-        if hasattr(net, option):
-            setattr(trial, option, getattr(net, option))
+        setattr(trial, option, getattr(net, option))
     return trial
 
 

@@ -47,18 +47,32 @@ def output_values(net: Net) -> Outputs:
             for value in net.blob_data[name].detach().reshape(-1).cpu().tolist()]
 
 
+Step = Callable[[], tuple[float, Outputs]]
+
+
+def net_step(net: Net) -> Step:
+    """One forward pass of `net`: its loss and outputs (Caffe's test iteration)."""
+
+    def step() -> tuple[float, Outputs]:
+        loss = net.forward()
+        return loss.item(), output_values(net)
+
+    return step
+
+
 def score(net: Net, iterations: int, after_batch: Callable[[int, Outputs], None] | None = None,
-          stop: Callable[[], bool] | None = None) -> Scores | None:
-    """Run `iterations` forward passes; `after_batch(i, outputs)` sees each one. None when `stop()`
-    (asked before each pass) says to stop."""
+          stop: Callable[[], bool] | None = None, step: Step | None = None) -> Scores | None:
+    """Run `iterations` test iterations, each one forward pass of `net` unless `step` runs it
+    otherwise (whole-image scoring); `after_batch(i, outputs)` sees each one. None when `stop()`
+    (asked before each iteration) says to stop."""
+    run = step or net_step(net)
     scores = Scores()
     with torch.no_grad():
         for i in range(iterations):
             if stop is not None and stop():
                 return None
-            loss = net.forward()
-            outputs = output_values(net)
-            scores.add(loss.item(), outputs)
+            loss, outputs = run()
+            scores.add(loss, outputs)
             if after_batch is not None:
                 after_batch(i, outputs)
     return scores

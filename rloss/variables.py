@@ -26,13 +26,14 @@ SCRIPT_DEFAULTS = {
     "TRAIN_SET": "train",
     "TEST_SET": "val",
     "DENSECRF_LOSS_WEIGHT": "1e-8",
+    "DENSECRF_SCALE": "1",
 }
 # The variables exper/run_pascal_scribble.sh documents and passes on: the original's sed variables,
 # then the folders and the small demo net's settings.
 ENVIRONMENT_VARIABLES = (
     "EXP", "NET_ID", "DATA_ROOT", "TRAIN_SET", "TEST_SET", "TEST_SET_POSTFIX", "NUM_LABELS",
     "DENSECRF_LOSS_WEIGHT", "FEATURE_DIR", "LIST_DIR", "CONFIG_DIR", "MODEL_DIR",
-    "CROP_SIZE", "TEST_CROP_SIZE", "BATCH_SIZE", "BI_XY_STD", "BI_RGB_STD",
+    "CROP_SIZE", "TEST_CROP_SIZE", "BATCH_SIZE", "BI_XY_STD", "BI_RGB_STD", "DENSECRF_SCALE",
     "MAX_ITER", "STEPSIZE", "BASE_LR", "MAX_ITER2", "STEPSIZE2", "BASE_LR2",
 )
 

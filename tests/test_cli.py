@@ -48,7 +48,7 @@ def test_flags_accept_caffe_and_gnu_syntax():
         args = parser.parse_args(argv)
         assert (args.solver, args.weights, args.gpu) == ("s.prototxt", "w.caffemodel", "0")
     args = parser.parse_args(["test", "--model=m", "--weights=w", "--set", "A=1", "--set=B=2"])
-    assert args.iterations == 50 and args.set == ["A=1", "B=2"]
+    assert args.iterations is None and args.set == ["A=1", "B=2"]  # None: the whole test list
 
 
 @pytest.mark.parametrize("argv", [

@@ -368,3 +368,43 @@ def test_net_error_wraps_layer_error_in_net() -> None:
                 loss_weight: 1 propagate_down: true propagate_down: true }"""
     with pytest.raises(NetError, match="propagate_down"):
         Net(text_format.Parse(net_text, caffe_pb2.NetParameter()), caffe_pb2.TRAIN)
+
+
+# ---- scale_factor (rloss's extension of densecrf_loss_param) ---------------------------------------------
+
+def test_the_layers_scale_factor_is_the_loss_of_the_resampled_inputs_with_a_scaled_sigma_xy():
+    """scale_factor 0.5 equals the plain layer on the image resampled nearest and the segmentation
+    bilinearly to half size with bi_xy_std halved; the gradient comes back through the resampling."""
+    image = torch.from_numpy(synthetic_image(2, 12, 14))
+    seg = torch.from_numpy(synthetic_segmentation(2, 3, 12, 14)).requires_grad_(True)
+    text = LAYER.format(extra="loss_weight: 1 propagate_down: false propagate_down: true", sxy=6.0, srgb=20.0)
+    param = text_format.Parse(text.replace("bi_rgb_std: 20.0", "bi_rgb_std: 20.0 scale_factor: 0.5"),
+                              caffe_pb2.LayerParameter())
+    assert param.densecrf_loss_param.scale_factor == 0.5
+    scaled = layer_class("DenseCRFLoss")(param, [(2, 3, 12, 14), (2, 3, 12, 14)], caffe_pb2.TRAIN)
+    loss = scaled(image, seg)[0].sum()
+    (grad,) = torch.autograd.grad(loss, seg)
+
+    seg_ref = seg.detach().clone().requires_grad_(True)
+    small_image = F.interpolate(image, scale_factor=0.5)
+    small_seg = F.interpolate(seg_ref, scale_factor=0.5, mode="bilinear", align_corners=False)
+    plain = make_layer([tuple(small_image.shape), tuple(small_seg.shape)], sxy=3.0)
+    reference = plain(small_image, small_seg)[0].sum()
+    (grad_ref,) = torch.autograd.grad(reference, seg_ref)
+    assert small_image.shape[2:] == (6, 7)
+    assert float(loss) == pytest.approx(float(reference), rel=1e-6)
+    np.testing.assert_allclose(grad.numpy(), grad_ref.numpy(), rtol=1e-5, atol=1e-9)
+    assert float(grad.abs().sum()) > 0
+
+
+def test_a_scale_factor_that_leaves_no_pixel_is_refused_naming_the_layer():
+    text = LAYER.format(extra="loss_weight: 1 propagate_down: false propagate_down: true", sxy=5.0, srgb=20.0)
+    param = text_format.Parse(text.replace("bi_rgb_std: 20.0", "bi_rgb_std: 20.0 scale_factor: 0.01"),
+                              caffe_pb2.LayerParameter())
+    layer = layer_class("DenseCRFLoss")(param, [(1, 3, 16, 16), (1, 2, 16, 16)], caffe_pb2.TRAIN)
+    with pytest.raises(LayerError, match=r"'crf' \(type DenseCRFLoss\): scale_factor 0.01 shrinks the 16x16"):
+        layer(torch.from_numpy(synthetic_image(1, 16, 16)), torch.from_numpy(synthetic_segmentation(1, 2, 16, 16)))
+    with pytest.raises(LayerError, match="scale_factor must be a finite number > 0, got -1"):
+        bad = text_format.Parse(text.replace("bi_rgb_std: 20.0", "bi_rgb_std: 20.0 scale_factor: -1"),
+                                caffe_pb2.LayerParameter())
+        layer_class("DenseCRFLoss")(bad, [(1, 3, 16, 16), (1, 2, 16, 16)], caffe_pb2.TRAIN)

@@ -116,7 +116,7 @@ layers { name: "prob" type: SOFTMAX bottom: "pool" top: "prob" }
 SMALL_FCN_VALUES = {
     "NET_ID": "small_fcn", "DATA_ROOT": "/absent/", "LIST_DIR": "/absent", "TRAIN_SET": "train",
     "TEST_SET": "val", "BATCH_SIZE": "1", "CROP_SIZE": "9", "TEST_CROP_SIZE": "9", "NUM_LABELS": "3",
-    "EXP": "fuzz", "BI_RGB_STD": "15", "BI_XY_STD": "10", "DENSECRF_LOSS_WEIGHT": "1e-3",
+    "EXP": "fuzz", "BI_RGB_STD": "15", "BI_XY_STD": "10", "DENSECRF_LOSS_WEIGHT": "1e-3", "DENSECRF_SCALE": "1",
 }
 
 

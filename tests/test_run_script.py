@@ -32,8 +32,13 @@ def test_run_script_runs_all_phases_and_prints_the_table(tmp_path: Path) -> None
         assert (tmp_path / "model" / f"{snapshot}.solverstate").is_file(), snapshot
     phase2 = (tmp_path / "log" / "trainwithdensecrfloss.log").read_text()
     assert "densecrf_loss" in phase2 and f"{tmp_path}/model/train_iter_4.caffemodel" in done.stdout
+    for name in ("pce", "densecrf", "control", "full"):  # each test in its own log and metrics
+        log = tmp_path / "log"
+        assert (log / f"test_{name}.log").is_file() and (log / f"metrics_{name}.json").is_file()
+    assert (tmp_path / "log" / "curves.png").stat().st_size > 0 and (tmp_path / "log" / "curves.csv").is_file()
+    assert "taken from the defaults:" in done.stdout
     table = done.stdout[done.stdout.index("small_fcn on val"):].splitlines()
-    rows = [line for line in table[2:] if line.strip()]
+    rows = [line for line in table[2:6] if line.strip()]
     assert [row[:42].strip() for row in rows] == [
         "partial cross-entropy", "+ DenseCRF loss", "partial cross-entropy, as long (control)", "full supervision"]
     for row in rows:

@@ -1,26 +1,30 @@
 """`python -m rloss infer`: segment one image or a folder of images with a test net and its weights.
 
-The net's own TEST-phase ImageSegData layer reads the images (from a temporary list, batch 1, no
-labels), so every image is transformed exactly as `caffe test` would transform it: BGR, mean
-subtraction, bottom/right padding with the mean up to the crop size, and a centre crop when the image
-is larger than the crop (then only that window is segmented, and the outputs cover that window).
+Nothing is needed beyond the net file and the weights: the `${VAR}`s of the net's dataset need no
+value and the class count comes from the weights (rloss.deploy). Each image is segmented whole at its
+own size (rloss.whole_image: padded to the net's crop as Caffe pads it, tiled with overlap where
+larger), transformed by the net's own ImageSegData layer (BGR, mean subtraction, scale; mirroring and
+random rescaling off). An image whose short side is under `--min_size` (128 by default, as the A100
+fork of the PyTorch port) is first upsampled bicubically to that short side, and its label map brought
+back to the image's size (nearest); `--no_upsample` turns this off.
 
 Per image `<name>` it writes to the output folder:
-* `<name>.png`: the label map (arg-max over the score blob's channels) as a VOC-palette PNG, cropped
-  to the image (the `data_dim` region);
-* `<name>_overlay.png`: the image blended half and half with the label colours.
+* `<name>.png`: the label map (arg-max over the score blob's channels) as a VOC-palette PNG, at the
+  image's size;
+* `<name>_overlay.png`: the image blended half and half with the label colours, with a legend of the
+  classes present when class names are known (`--classes FILE`, else the classes.txt of the net's
+  dataset when its DATA_ROOT has a value; rloss.class_names).
 
-The score blob is the one the net's SegAccuracy layer scores (`--score_blob` names another); scores
-smaller than the input (an un-upsampled score map) are upsampled bilinearly, corners aligned, as
-the nets' Interp layers do. With `--crf` the fork's DenseCRF mean-field inference (the DenseCRF layer's) runs on
-the scores, the image and `data_dim`, and the labels come from its output. Its parameters come from
+The score blob is the one the net's SegAccuracy layer scores (`--score_blob` names another). With
+`--crf` the fork's DenseCRF mean-field inference (the DenseCRF layer's) runs on the whole image's
+scores and pixels, and the labels come from its output. Its parameters come from
 `--crf_params` (DenseCRFParameter text, e.g. `"max_iter: 10 pos_w: 3 pos_xy_std: 3 bi_w: 5
 bi_xy_std: 50 bi_rgb_std: 10"`), else from the first commented-out `dense_crf_param` block in the
 model file (the original test files carry one), else the values of the original test file of the
 net named like the model (`name:`), else DeepLab-LargeFOV's. `--mat_write DIR` also writes the
-score blob as the fork's MatWrite layer does: `DIR/<name>_blob_0.mat` holding one single-precision
-variable `data` with MATLAB dimensions [W, H, C, N]; with `--crf`, the CRF output goes to
-`DIR/crf/<name>_blob_0.mat`.
+whole image's scores (at the size the net segmented, after any upsampling) as the fork's MatWrite
+layer does: `DIR/<name>_blob_0.mat` holding one single-precision variable `data` with MATLAB
+dimensions [W, H, C, N]; with `--crf`, the CRF output goes to `DIR/crf/<name>_blob_0.mat`.
 """
 
 from __future__ import annotations
@@ -35,24 +39,38 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from google.protobuf import text_format
+from PIL import Image
 
-from rloss.cli.common import add_precision_flag, prediction_blob, read_model
-from rloss.errors import DataError, NetError, ProtoError
+from rloss.class_names import classes_file_of, read_class_names
+from rloss.cli.common import add_precision_flag
+from rloss.data.imageio import read_bgr
+from rloss.deploy import (
+    LIST_FIELDS,
+    load_weights,
+    outputs_from_weights,
+    read_for_inference,
+    read_weights,
+    score_blob_of,
+    score_only,
+)
+from rloss.errors import DataError, ProtoError
 from rloss.layers.registry import layer_class
 from rloss.metrics import predict_labels
 from rloss.net import Net
+from rloss.overlay import overlay
 from rloss.palette import VOC_PALETTE, write_label_png
-from rloss.precision import check_precision, to_float32
+from rloss.precision import check_precision
+from rloss.progress import Progress
 from rloss.proto import caffe_pb2
 from rloss.proto.text import read_text
 from rloss.variables import parse_assignments
+from rloss.whole_image import WholeImageNet, fed_test_param, image_reader_param, whole_image_reader
 
 log = logging.getLogger("rloss")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-OVERLAY_ALPHA = 0.5
+MIN_SIZE = 128  # images with a shorter short side are upsampled first (as the A100 fork)
 # DenseCRF settings of the original test files' commented-out blocks, by net name.
 ORIGINAL_CRF_PARAMS = {
     "deeplab_largeFOV": "max_iter: 10 pos_w: 3 pos_xy_std: 3 bi_w: 5 bi_xy_std: 50 bi_rgb_std: 10",
@@ -62,22 +80,6 @@ ORIGINAL_CRF_PARAMS = {
 }
 DEFAULT_CRF_NET = "deeplab_largeFOV"
 _COMMENTED_CRF = re.compile(r"dense_crf_param\s*\{([^}]*)\}")
-
-
-@dataclass
-class Segmentation:
-    """One image's result. `window` = (row, column, height, width) of the image region segmented and
-    `image` its RGB pixels (height, width, 3); `scores` (1, C, Hp, Wp) at the input's size; `crf`
-    the DenseCRF output (same shape) or None; `labels` (height, width) uint8, from the CRF output
-    when there is one."""
-
-    name: str
-    path: Path
-    window: tuple[int, int, int, int]
-    image: np.ndarray
-    scores: np.ndarray
-    crf: np.ndarray | None
-    labels: np.ndarray
 
 
 # ---- DenseCRF parameters ----------------------------------------------------------------------------
@@ -154,148 +156,146 @@ def check_names(paths: Sequence[Path]) -> None:
         seen[path.stem] = path
 
 
-def image_reader(net_param, list_file: Path, model: str):
-    """The TEST net's ImageSegData layer, pointed at `list_file` (absolute image paths, no labels,
-    batch 1, file order); the net is changed in place."""
-    readers = [layer for layer in net_param.layer if layer.type == "ImageSegData"]
-    if len(readers) != 1:
-        raise NetError(f"{model}: infer needs a net whose TEST phase reads its images with one ImageSegData "
-                       f"layer; this one has {len(readers)}")
-    reader = readers[0]
-    data_param = reader.image_data_param
-    data_param.source = str(list_file)
-    data_param.root_folder = ""
-    data_param.label_type = caffe_pb2.ImageDataParameter.NONE
-    data_param.batch_size = 1
-    data_param.shuffle = False
-    data_param.rand_skip = 0
-    return reader
+def read_rgb(path: Path) -> np.ndarray:
+    """The image's (H, W, 3) uint8 RGB pixels, decoded as the data layer decodes them."""
+    return np.ascontiguousarray(read_bgr(str(path), "infer")[:, :, ::-1])
 
 
-def _resize_to(reader) -> tuple[int, int] | None:
-    """(height, width) the data layer resizes images to when read, or None."""
-    data_param = reader.image_data_param
-    if data_param.new_height and data_param.new_width:
-        return int(data_param.new_height), int(data_param.new_width)
-    return None
+def upsampled_size(size: tuple[int, int], min_size: int) -> tuple[int, int] | None:
+    """(height, width) with the short side brought up to `min_size`, or None when it is not shorter."""
+    short = min(size)
+    if not min_size or short >= min_size:
+        return None
+    return round(size[0] * min_size / short), round(size[1] * min_size / short)
 
 
-def segmented_window(size: tuple[int, int], reader) -> tuple[int, int, int, int]:
-    """(row, column, height, width) of the region of an image of `size` = (H, W) (after the layer's
-    resize) that the TEST transform keeps: the centre crop where the image is larger than the crop,
-    else all of it."""
-    transform = reader.transform_param
-    height, width = size
-    crop_h = transform.crop_height or transform.crop_size or height
-    crop_w = transform.crop_width or transform.crop_size or width
-    return (max(0, height - crop_h) // 2, max(0, width - crop_w) // 2, min(height, crop_h), min(width, crop_w))
+def centre_indices(src: int, dst: int) -> np.ndarray:
+    """For each of `dst` output pixels, the source pixel (of `src`) under its centre."""
+    return np.minimum(((np.arange(dst) + 0.5) * src / dst).astype(np.int64), src - 1)
 
 
-def window_pixels(path: Path, reader) -> tuple[tuple[int, int, int, int], np.ndarray]:
-    """The segmented window of an image and its RGB pixels (resized first if the layer resizes)."""
-    from PIL import Image
+def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A label map brought to (height, width) by nearest neighbour, pixel centres aligned (as the
+    bicubic upsampling aligns them)."""
+    if labels.shape == tuple(size):
+        return labels
+    rows, columns = centre_indices(labels.shape[0], size[0]), centre_indices(labels.shape[1], size[1])
+    return np.ascontiguousarray(labels[rows[:, None], columns[None, :]])
 
-    try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
-    except OSError as error:
-        raise DataError(f"cannot read the image '{path}': {error}") from None
-    resize = _resize_to(reader)
-    if resize is not None and (rgb.height, rgb.width) != resize:
-        rgb = rgb.resize((resize[1], resize[0]), Image.BILINEAR)
-    pixels = np.asarray(rgb)
-    window = segmented_window(pixels.shape[:2], reader)
-    row, column, height, width = window
-    if (height, width) != pixels.shape[:2]:
-        log.warning("%s is %dx%d, larger than the net's crop: only the centre %dx%d window is segmented "
-                    "(as caffe test does)", path, pixels.shape[0], pixels.shape[1], height, width)
-    return window, np.ascontiguousarray(pixels[row:row + height, column:column + width])
+
+@dataclass
+class Segmentation:
+    """One image's result: its RGB pixels (H, W, 3); the size the net segmented (after any
+    upsampling) and the forward passes it took; `scores` (1, C, h, w) at that size; `crf` the
+    DenseCRF output (same shape) or None; `labels` (H, W) uint8 at the image's size, from the CRF
+    output when there is one."""
+
+    name: str
+    path: Path
+    image: np.ndarray
+    segmented: tuple[int, int]
+    tiles: int
+    scores: np.ndarray
+    crf: np.ndarray | None
+    labels: np.ndarray
 
 
 class Segmenter:
-    """A TEST net with its weights that segments images with its own data layer (see module doc), in
-    `precision` (rloss.precision; the scores it returns are float32 whatever the precision)."""
+    """A TEST net with its weights that segments whole images (module doc), in `precision`
+    (rloss.precision; the scores it returns are float32 whatever the precision)."""
 
     def __init__(self, model: str, weights: Sequence[str], sets: dict[str, str] | None = None,
                  score_blob: str = "", crf: caffe_pb2.DenseCRFParameter | None = None,
-                 device: torch.device | None = None, precision: str = "fp32"):
-        self.device = device or torch.device("cpu")
-        self.precision = check_precision(precision, self.device)
-        self.model_path, self.net_param = read_model(model, sets or {}, caffe_pb2.TEST)
+                 device: torch.device | None = None, precision: str = "fp32", min_size: int = MIN_SIZE):
+        device = device or torch.device("cpu")
+        precision = check_precision(precision, device)
+        self.model_path, self.net_param, self.unread = read_for_inference(model, sets or {})
         self.model_text = read_text(self.model_path)
-        self.weights = list(weights)
-        self.requested_score_blob = score_blob
+        source = str(self.model_path)
+        stored = read_weights(weights)
+        outputs_from_weights(self.net_param, stored, source)
+        self.reader = image_reader_param(self.net_param, source)
+        score = score_blob_of(self.net_param, score_blob, source)
+        net = Net(score_only(fed_test_param(self.net_param, source), score), caffe_pb2.TEST, source=source).to(device)
+        net.precision = precision
+        load_weights(net, weights, stored)
+        self.whole = WholeImageNet(net, self.reader, score)
         self.crf_param = crf
-        self._warned_upsampling = False
+        self.min_size = min_size
 
     @property
     def net_name(self) -> str:
         return self.net_param.name
 
-    def _build(self, list_file: Path) -> tuple[Net, object]:
-        net_param = caffe_pb2.NetParameter()
-        net_param.CopyFrom(self.net_param)
-        reader = image_reader(net_param, list_file, str(self.model_path))
-        net = Net(net_param, caffe_pb2.TEST, source=str(self.model_path)).to(self.device)
-        net.precision = self.precision
-        for weights in self.weights:
-            net.copy_from(weights)
-        return net, reader
+    def classes_file(self) -> Path | None:
+        """The classes.txt of the net's dataset, when its list's location has a value."""
+        if any(fields <= set(LIST_FIELDS) for fields in self.unread.values()):
+            return None
+        return classes_file_of(self.reader.image_data_param)
 
-    def score_blob(self, net: Net) -> str:
-        """--score_blob, else the scores the net's SegAccuracy layer reads."""
-        name = prediction_blob(net, self.requested_score_blob)
-        if not name:
-            raise NetError(f"{self.model_path}: no SegAccuracy layer names the scores; give --score_blob")
-        return name
+    def _list_reader(self, list_file: Path) -> caffe_pb2.LayerParameter:
+        """The net's data layer reading `list_file` (absolute image paths, no labels) in file order,
+        without mirroring or random rescaling."""
+        param = caffe_pb2.LayerParameter()
+        param.CopyFrom(self.reader)
+        data_param = param.image_data_param
+        data_param.source = str(list_file)
+        data_param.root_folder = ""
+        data_param.label_type = caffe_pb2.ImageDataParameter.NONE
+        data_param.shuffle = False
+        data_param.rand_skip = 0
+        param.transform_param.mirror = False
+        param.transform_param.ClearField("scale_factors")
+        return param
+
+    def _net_input(self, path: Path, copy: Path) -> Path:
+        """The file the net reads for `path`: itself, or its bicubic upsampling (saved as `copy`)
+        when it is small."""
+        try:
+            with Image.open(path) as image:
+                size = (image.height, image.width)
+                target = upsampled_size(size, self.min_size)
+                if target is None:
+                    return path
+                upsampled = image.convert("RGB").resize((target[1], target[0]), Image.BICUBIC)
+        except OSError as error:
+            raise DataError(f"cannot read the image '{path}': {error}") from None
+        upsampled.save(copy)
+        return copy
 
     def segment(self, paths: Sequence[Path]) -> Iterator[Segmentation]:
-        """Segment the images in order (one forward each)."""
+        """Segment the images in order."""
         check_names(paths)
         with tempfile.TemporaryDirectory(prefix="rloss-infer-") as folder:
+            inputs = [self._net_input(path, Path(folder) / f"{k:06d}.png") for k, path in enumerate(paths)]
             list_file = Path(folder) / "images.txt"
-            list_file.write_text("".join(f"{p.resolve()}\n" for p in paths))
-            net, reader = self._build(list_file)
-            score_name = self.score_blob(net)
-            data_name, _, dim_name = net.layer_tops(reader.name)[:3]
-            crf = None
-            for path in paths:
-                with torch.no_grad():
-                    net.forward()
-                    data, dims = net.blob_data[data_name], net.blob_data[dim_name]
-                    scores = self._at_input_size(to_float32(net.blob_data[score_name]), data, score_name)
-                    refined = None
-                    if self.crf_param is not None:
-                        if crf is None:
-                            crf = crf_layer(self.crf_param, [tuple(t.shape) for t in (scores, dims, data)])
-                        refined = crf(scores, dims, data)[0]
-                window, pixels = window_pixels(path, reader)
-                final = scores if refined is None else refined
-                labels = predict_labels(final)[0, :window[2], :window[3]].cpu().numpy().astype(np.uint8)
-                yield Segmentation(path.stem, path, window, pixels, scores.cpu().numpy(),
-                                   None if refined is None else refined.cpu().numpy(), labels)
+            list_file.write_text("".join(f"{p.resolve()}\n" for p in inputs))
+            reader = whole_image_reader(self._list_reader(list_file))
+            try:
+                for path in paths:
+                    data, _, dims = reader.forward()
+                    yield self._segment_one(path, data, dims)
+            finally:
+                reader.close()
 
-    def _at_input_size(self, scores: torch.Tensor, data: torch.Tensor, name: str) -> torch.Tensor:
-        """The scores, upsampled (bilinear, corners aligned, as Interp) when smaller than the input."""
-        if scores.ndim != 4:
-            raise NetError(f"score blob '{name}' has shape {tuple(scores.shape)}; expected (N, C, H, W)")
-        if scores.shape[-2:] == data.shape[-2:]:
-            return scores
-        if not self._warned_upsampling:
-            log.info("Score blob '%s' is %dx%d, the input %dx%d: upsampling it bilinearly", name,
-                     scores.shape[2], scores.shape[3], data.shape[2], data.shape[3])
-            self._warned_upsampling = True
-        return F.interpolate(scores, size=tuple(data.shape[-2:]), mode="bilinear", align_corners=True)
+    def _segment_one(self, path: Path, data: torch.Tensor, dims: torch.Tensor) -> Segmentation:
+        result = self.whole.run(data[0])
+        scores = result.scores[None]
+        refined = None
+        if self.crf_param is not None:
+            data = data.to(scores.device)
+            dims = dims.to(scores.device)
+            crf = crf_layer(self.crf_param, [tuple(t.shape) for t in (scores, dims, data)])
+            with torch.no_grad():
+                refined = crf(scores, dims, data)[0]
+        pixels = read_rgb(path)
+        segmented = predict_labels(scores if refined is None else refined)[0].cpu().numpy().astype(np.uint8)
+        labels = resize_labels(segmented, pixels.shape[:2])
+        return Segmentation(path.stem, path, pixels, segmented.shape, result.tiles, scores.cpu().numpy(),
+                            None if refined is None else refined.cpu().numpy(), labels)
 
 
 # ---- writing ----------------------------------------------------------------------------------------
-
-def overlay(pixels: np.ndarray, labels: np.ndarray, palette: list[int]) -> np.ndarray:
-    """RGB pixels (H, W, 3) blended half and half with the colours of the labels (H, W)."""
-    colours = np.asarray(palette, dtype=np.float32).reshape(-1, 3)[labels]
-    blended = (1 - OVERLAY_ALPHA) * pixels.astype(np.float32) + OVERLAY_ALPHA * colours
-    return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
-
 
 def write_mat(blob: np.ndarray, path: Path) -> None:
     """MatWrite's file: variable `data`, single precision, MATLAB dims [W, H, C, N] (data(w,h,c,n) =
@@ -304,6 +304,17 @@ def write_mat(blob: np.ndarray, path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     savemat(str(path), {"data": np.asarray(blob, dtype=np.float32).transpose(3, 2, 1, 0)})
+
+
+def write_segmentation(result: Segmentation, output: Path, names: dict[int, str], mat_dir: Path | None) -> None:
+    """The label PNG and the overlay, and with `mat_dir` the MatWrite files."""
+    write_label_png(result.labels, output / f"{result.name}.png")
+    drawn = overlay(result.image, result.labels, VOC_PALETTE, names)
+    Image.fromarray(drawn).save(output / f"{result.name}_overlay.png")
+    if mat_dir is not None:
+        write_mat(result.scores, mat_dir / f"{result.name}_blob_0.mat")
+        if result.crf is not None:
+            write_mat(result.crf, mat_dir / "crf" / f"{result.name}_blob_0.mat")
 
 
 # ---- the command ------------------------------------------------------------------------------------
@@ -317,6 +328,14 @@ def add_infer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output_dir", "-output_dir", default="", help="where to write the PNGs (required)")
     parser.add_argument("--score_blob", "-score_blob", default="",
                         help="blob whose channel arg-max is the segmentation (default: SegAccuracy's scores)")
+    parser.add_argument("--classes", "-classes", default="",
+                        help="class names file for the overlays' legend (lines 'INDEX NAME'; default: the "
+                             "classes.txt of the net's dataset, when found)")
+    parser.add_argument("--min_size", "-min_size", type=int, default=MIN_SIZE,
+                        help=f"upsample (bicubic) images whose short side is shorter to this size before the net "
+                             f"(default {MIN_SIZE})")
+    parser.add_argument("--no_upsample", "-no_upsample", action="store_true",
+                        help="segment small images at their own size")
     parser.add_argument("--crf", "-crf", action="store_true", help="refine with DenseCRF mean-field inference")
     parser.add_argument("--crf_params", "-crf_params", default="",
                         help='DenseCRF parameters, e.g. "max_iter: 10 pos_w: 3 pos_xy_std: 3 bi_w: 5 '
@@ -338,37 +357,43 @@ def check_infer_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error("infer needs --output_dir=FOLDER")
     if args.crf_params and not args.crf:
         parser.error("--crf_params needs --crf")
+    if args.min_size < 1:
+        parser.error(f"--min_size must be at least 1, got {args.min_size}")
+
+
+def legend_names(given: str, segmenter: Segmenter) -> dict[int, str]:
+    """--classes, else the classes.txt of the net's dataset, else none (no legend)."""
+    path = Path(given) if given else segmenter.classes_file()
+    if path is None:
+        return {}
+    if not given:
+        log.info("Class names from %s", path)
+    return read_class_names(path)
 
 
 def infer(args: argparse.Namespace) -> None:
     """Segment the images of --image/--images and write the results (module doc)."""
-    from PIL import Image
-
     from rloss.device import parse_gpu_flag
 
     device = parse_gpu_flag(args.gpu) if args.gpu else torch.device("cpu")
     paths = image_paths(args.image, args.images)
     weights = [w.strip() for w in args.weights.split(",") if w.strip()]
     segmenter = Segmenter(args.model, weights, parse_assignments(args.set), args.score_blob, None, device,
-                          args.precision)
+                          args.precision, 0 if args.no_upsample else args.min_size)
     if args.crf:
         segmenter.crf_param, origin = crf_params(args.crf_params, segmenter.model_text, segmenter.net_name)
         log.info("DenseCRF parameters from %s: %s", origin, text_format.MessageToString(segmenter.crf_param,
                                                                                          as_one_line=True))
+    names = legend_names(args.classes, segmenter)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     mat_dir = Path(args.mat_write) if args.mat_write else None
-    count = 0
+    progress = Progress(len(paths), "images", 0)
     for result in segmenter.segment(paths):
-        write_label_png(result.labels, output / f"{result.name}.png")
-        Image.fromarray(overlay(result.image, result.labels, VOC_PALETTE)).save(output / f"{result.name}_overlay.png")
-        if mat_dir is not None:
-            write_mat(result.scores, mat_dir / f"{result.name}_blob_0.mat")
-            if result.crf is not None:
-                write_mat(result.crf, mat_dir / "crf" / f"{result.name}_blob_0.mat")
-        row, column, height, width = result.window
-        log.info("Segmented %s: %dx%d window at (%d, %d), %d labels used", result.path, height, width, row, column,
-                 len(np.unique(result.labels)))
-        count += 1
-    log.info("Wrote %d segmentations to %s", count, output)
-
+        write_segmentation(result, output, names, mat_dir)
+        height, width = result.image.shape[:2]
+        at = "" if result.segmented == (height, width) else " segmented at {}x{},".format(*result.segmented)
+        passes = f"{result.tiles} forward pass{'' if result.tiles == 1 else 'es'}"
+        log.info("Segmented %s (%dx%d,%s %s): %d labels used; %s", result.path, height, width, at, passes,
+                 len(np.unique(result.labels)), progress.advance())
+    log.info("Wrote %d segmentations to %s", len(paths), output)

@@ -16,6 +16,7 @@ from rloss.cli.common import add_checkpoint_flag, add_precision_flag, add_set_fl
 from rloss.device import cuda_or_cpu, parse_gpu_ids
 from rloss.errors import DistributedError, RlossError
 from rloss.solver import SGDSolver
+from rloss.tensorboard_log import attach_tensorboard
 from rloss.variables import parse_assignments
 
 log = logging.getLogger("rloss")
@@ -31,6 +32,9 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
                              "'all'; empty: the solver's solver_mode/device_id")
     add_precision_flag(parser)
     add_checkpoint_flag(parser)
+    parser.add_argument("--tensorboard", "-tensorboard", default="", metavar="DIR",
+                        help="also write the loss, lr and test outputs as TensorBoard scalars to DIR "
+                             "(pip install tensorboard)")
     parser.add_argument("--threads", "-threads", type=int, default=None,
                         help="CPU threads of this process (torch and the DenseCRF lattice); default: torch's, "
                              "or the machine's cores shared among its ranks")
@@ -66,6 +70,16 @@ def _train_rank(args: argparse.Namespace, gpu_ids: list[int], ranks: distributed
     """The training of one rank (the only one outside a data-parallel job)."""
     if not ranks.is_root:
         log.setLevel(logging.ERROR)  # one log: rank 0's (the others print only their errors)
+    detach = attach_tensorboard(args.tensorboard) if args.tensorboard and ranks.is_root else None
+    try:
+        _solve(args, gpu_ids, ranks)
+    finally:
+        if detach is not None:
+            detach()
+
+
+def _solve(args: argparse.Namespace, gpu_ids: list[int], ranks: distributed.Ranks) -> None:
+    """Build the rank's solver on its device, resume or load weights, solve."""
     threads = distributed.share_threads(ranks, args.threads)
     device = None
     if gpu_ids:

@@ -123,7 +123,9 @@ class Prefetcher:
         self._pending.clear()
 
     def close(self) -> None:
-        """Cancel the work not yet started and let the threads end (idempotent)."""
+        """Cancel the work not yet started and wait for the threads to finish the sample each may be
+        decoding (idempotent). Joining matters at exit: a daemon thread still inside a decoder when
+        the interpreter finalizes is killed there, which can abort the process."""
         if self.closed:
             return
         self._closed_state = self.consumed_state()
@@ -131,3 +133,6 @@ class Prefetcher:
         self._cancel_pending()
         for _ in self._threads:
             self._tasks.put(_STOP)
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join()

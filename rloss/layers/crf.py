@@ -14,7 +14,7 @@ from rloss.errors import LatticeError
 from rloss.lattice import Permutohedral
 from rloss.layers.base import Layer, Shape
 from rloss.layers.registry import register_layer
-from rloss.losses import densecrf_loss
+from rloss.losses import densecrf_loss, downscaled
 
 log = logging.getLogger("rloss")
 FLT_MIN = float(np.finfo(np.float32).tiny)
@@ -34,6 +34,10 @@ class DenseCRFLoss(Layer):
     (x/bi_xy_std, y/bi_xy_std, B/bi_rgb_std, G/bi_rgb_std, R/bi_rgb_std).
 
     Backward is the fork's -(2/N) A(m S) m, not autograd's; no gradient reaches the image.
+    `scale_factor` (an rloss extension, the PyTorch port's --rloss-scale) computes the loss on the
+    image resampled nearest and the segmentation bilinearly to floor(size * scale_factor), with
+    bi_xy_std * scale_factor (the pixel distances shrink with the image); the gradient goes back
+    through the bilinear resampling.
     Like the fork the layer has no default loss weight. Unlike the fork, which froze N, H, W at set-up
     and never compared the two bottoms, N is read from the bottoms at every forward and the image and
     the segmentation must agree in N, H and W.
@@ -50,6 +54,7 @@ class DenseCRFLoss(Layer):
         param = self.param.densecrf_loss_param
         self.sigma_xy = _positive(self, "densecrf_loss_param.bi_xy_std", param.bi_xy_std)
         self.sigma_rgb = _positive(self, "densecrf_loss_param.bi_rgb_std", param.bi_rgb_std)
+        self.scale_factor = _positive(self, "densecrf_loss_param.scale_factor", param.scale_factor)
         if self.param.propagate_down and self.param.propagate_down[0]:
             raise self.error(
                 "back-propagating into the image is not supported; set propagate_down: false, true"
@@ -77,7 +82,9 @@ class DenseCRFLoss(Layer):
 
     def forward(self, image: torch.Tensor, segmentation: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
         self._check_shapes(tuple(image.shape), tuple(segmentation.shape))
-        loss = densecrf_loss(image, segmentation, None, self.sigma_rgb, self.sigma_xy, self.error)
+        image, segmentation, _ = downscaled(self.scale_factor, image, segmentation, None, self.error)
+        loss = densecrf_loss(image, segmentation, None, self.sigma_rgb, self.sigma_xy * self.scale_factor,
+                             self.error)
         return [loss.reshape(1, 1, 1, 1)]
 
 
