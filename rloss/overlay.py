@@ -33,7 +33,7 @@ def with_legend(image: np.ndarray, entries: list[tuple[int, str]], palette: list
     """The RGB image (H, W, 3) with a legend panel of `entries` on its right."""
     font = ImageFont.load_default()
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_width = max(measure.textbbox((0, 0), text, font=font)[2] for _, text in entries)
+    text_width = max(_text_width(measure, text, font) for _, text in entries)
     panel_width = MARGIN + SWATCH + MARGIN + text_width + MARGIN
     height = max(image.shape[0], MARGIN + ROW * len(entries))
     canvas = Image.new("RGB", (image.shape[1] + panel_width, height), PANEL)
@@ -53,3 +53,12 @@ def overlay(pixels: np.ndarray, labels: np.ndarray, palette: list[int], names: d
     """The blend, with a legend when class names are known."""
     blended = blend(pixels, labels, palette)
     return with_legend(blended, legend_entries(labels, names), palette) if names else blended
+
+
+def _text_width(draw: ImageDraw.ImageDraw, text: str, font) -> int:
+    """Pixels `text` takes in `font`: Pillow >= 9.2 measures bitmap fonts with textbbox, older ones
+    only with getsize (removed in Pillow 10)."""
+    try:
+        return int(draw.textbbox((0, 0), text, font=font)[2])
+    except ValueError:
+        return int(font.getsize(text)[0])

@@ -4,6 +4,7 @@ full-supervision runs, tests, and the mIoU table; and its training through torch
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -35,7 +36,10 @@ def test_run_script_runs_all_phases_and_prints_the_table(tmp_path: Path) -> None
     for name in ("pce", "densecrf", "control", "full"):  # each test in its own log and metrics
         log = tmp_path / "log"
         assert (log / f"test_{name}.log").is_file() and (log / f"metrics_{name}.json").is_file()
-    assert (tmp_path / "log" / "curves.png").stat().st_size > 0 and (tmp_path / "log" / "curves.csv").is_file()
+    if importlib.util.find_spec("matplotlib") is not None:  # the curves need it; without it the script says so
+        assert (tmp_path / "log" / "curves.png").stat().st_size > 0 and (tmp_path / "log" / "curves.csv").is_file()
+    else:
+        assert "no training curves" in done.stderr
     assert "taken from the defaults:" in done.stdout
     table = done.stdout[done.stdout.index("small_fcn on val"):].splitlines()
     rows = [line for line in table[2:6] if line.strip()]

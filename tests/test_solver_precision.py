@@ -18,6 +18,7 @@ from rloss.io import read_net_param, read_solver_state
 from rloss.precision import LossScaler
 from rloss.proto.blob import blob_to_array
 from rloss.solver import SGDSolver
+from tests.test_precision import needs_cpu_fp16
 from tests.test_solver import solver_file
 
 
@@ -25,6 +26,7 @@ def weights(solver) -> list[torch.Tensor]:
     return [entry.tensor.detach().clone() for entry in solver.net.learnable]
 
 
+@needs_cpu_fp16
 def test_fp16_scaling_leaves_the_update_unchanged_and_an_overflow_skips_it(tmp_path, caplog):
     """Scales are powers of two, so a scaled-then-unscaled fp16 step equals the update of fp16's
     own gradients; with a scale that overflows float32, the update is skipped and the scale halves."""
@@ -46,6 +48,7 @@ def test_fp16_scaling_leaves_the_update_unchanged_and_an_overflow_skips_it(tmp_p
         assert torch.equal(got, want)
 
 
+@needs_cpu_fp16
 def test_the_loss_scale_is_kept_in_the_solver_state(tmp_path):
     solver = SGDSolver(solver_file(tmp_path / "a", max_iter=2, snapshot=2), precision="fp16")
     solver.scaler = LossScaler(enabled=True, initial=2.0 ** 10, growth_interval=100)
