@@ -10,6 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -50,6 +53,10 @@ def test_run_script_runs_all_phases_and_prints_the_table(tmp_path: Path) -> None
         assert 0 <= miou <= 100 and 0 <= accuracy <= 100
 
 
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 2),
+                    reason="torch 2.1's torchrun agent crashed (segmentation fault in socket.getfqdn while it "
+                           "recorded the workers' exit) in one of two CI runs; tests/test_distributed.py covers "
+                           "torchrun on every version")
 def test_run_script_trains_through_torchrun(tmp_path: Path) -> None:
     launcher = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node=2 -m rloss"
     done = run_script(tmp_path, RLOSS_TRAIN=launcher, MAX_ITER="2")
