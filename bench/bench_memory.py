@@ -12,7 +12,7 @@ runs first, in another fresh child (its trials must neither raise the measured p
 DenseCRF lattices of an earlier run), with the memory check's verdict on it (`check_estimate`): a
 configuration the check refuses on this machine is not run. The data are a synthetic scribble dataset
 of 353x353 images written to a temporary folder, read by the file's ImageSegData layer (random crops
-to 321). A variant whose Net option (`checkpoint_activations`, `precision`) does not exist is n/a.
+to 321).
 """
 
 from __future__ import annotations
@@ -61,15 +61,6 @@ def make_solver(data_root: Path, batch: int):
     return solver
 
 
-def apply_variant(net, options: dict) -> bool:
-    """Set the variant's Net options; False when the Net has no such option (yet)."""
-    if any(not hasattr(net, name) for name in options):
-        return False
-    for name, value in options.items():
-        setattr(net, name, value)
-    return True
-
-
 def max_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -84,8 +75,8 @@ def child(mode: str, data_root: Path, batch: int, variant: str, iterations: int)
     baseline = max_rss()
     os.chdir(data_root.parent)  # the file's list path, pascal_scribble/list/train.txt, is relative
     solver = make_solver(data_root, batch)
-    if not apply_variant(solver.net, VARIANTS[variant]):
-        return {"available": False}
+    for name, value in VARIANTS[variant].items():
+        setattr(solver.net, name, value)
     start = time.perf_counter()
     if mode == "estimate":
         estimate = estimate_training_peak(solver.net)
@@ -95,10 +86,10 @@ def child(mode: str, data_root: Path, batch: int, variant: str, iterations: int)
             refused = ""
         except MemoryPlanError as error:
             refused = str(error)
-        return {"available": True, "bytes": estimate.total, "described": estimate.describe(), "seconds": seconds,
+        return {"bytes": estimate.total, "described": estimate.describe(), "seconds": seconds,
                 "refused": refused}
     solver.step(iterations)
-    return {"available": True, "peak": max_rss(), "baseline": baseline,
+    return {"peak": max_rss(), "baseline": baseline,
             "seconds_per_iteration": (time.perf_counter() - start) / iterations}
 
 
@@ -123,8 +114,6 @@ def write_data(folder: Path, count: int) -> Path:
 
 def row(batch: int, variant: str, measured: dict, estimated: dict) -> str:
     start = f"{batch:5d}  {variant:22}"
-    if not estimated["available"]:
-        return f"{start} {'n/a':>10} {'n/a':>12} {'n/a':>10} {'n/a':>8} {'n/a':>6}"
     if estimated["refused"]:
         return f"{start} {'refused':>10} {'':>12} {estimated['bytes'] / GB:10.2f}   (the memory check refused it)"
     net_peak = measured["peak"] - measured["baseline"]
@@ -158,7 +147,7 @@ def main() -> None:
             for variant in args.variants:
                 estimated = run_child("estimate", data_root, batch, variant, args)
                 measured = run_child("measure", data_root, batch, variant, args) \
-                    if estimated["available"] and not estimated["refused"] else {}
+                    if not estimated["refused"] else {}
                 print(row(batch, variant, measured, estimated), flush=True)
                 results.append({"batch": batch, "variant": variant, "measured": measured, "estimated": estimated})
     if args.json:

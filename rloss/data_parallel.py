@@ -93,7 +93,7 @@ class Ranked:
         """Every rank's generators, in rank order (a collective: all ranks snapshot together)."""
         if not self.parallel:
             return [own]
-        payloads = distributed.gather_bytes(own.SerializeToString(), self.device)
+        payloads = distributed.gather_bytes(own.SerializeToString())
         return [caffe_pb2.TorchRandomState.FromString(payload) for payload in payloads]
 
     def own_generator_state(self, resume, where: str) -> caffe_pb2.TorchRandomState | None:

@@ -165,7 +165,7 @@ def broadcast_seed(seed: int, device: torch.device) -> int:
     return int(tensor.item())
 
 
-def gather_bytes(payload: bytes, device: torch.device) -> list[bytes]:
+def gather_bytes(payload: bytes) -> list[bytes]:
     """Every rank's `payload` (on every rank, in rank order)."""
     gathered: list[object] = [None] * dist.get_world_size()
     _collective("gathering the generator states", dist.all_gather_object, gathered, payload)
