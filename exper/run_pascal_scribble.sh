@@ -3,6 +3,8 @@
 # instead of caffe.bin:
 #   1. train with partial cross-entropy on the scribbles          (RUN_TRAIN)
 #   2. fine-tune with cross-entropy + DenseCRF loss from phase 1  (RUN_TRAINWITHDENSECRFLOSS)
+#      (REGULARIZER=normalized_cut, gated_crf or size_constraint: rloss's other regularized losses instead,
+#      weighted by NORMALIZED_CUT_LOSS_WEIGHT, GATED_CRF_LOSS_WEIGHT or SIZE_CONSTRAINT_LOSS_WEIGHT)
 #   3. test on TEST_SET and print pixel accuracy and mean IoU     (RUN_TEST)
 #
 # Defaults run in minutes on 2 CPU cores: NET_ID=small_fcn (prototxt/small_fcn) on a synthetic scribble
@@ -32,6 +34,13 @@ TRAIN_SET=${TRAIN_SET:-train${TRAIN_SET_SUFFIX:-}}
 TEST_SET=${TEST_SET:-val}
 RUN_TRAIN=${RUN_TRAIN:-1}
 RUN_TRAINWITHDENSECRFLOSS=${RUN_TRAINWITHDENSECRFLOSS:-1}
+default REGULARIZER densecrf
+case "${REGULARIZER}" in
+  densecrf|normalized_cut|gated_crf|size_constraint) ;;
+  *) echo "REGULARIZER=${REGULARIZER}: expected densecrf, normalized_cut, gated_crf or size_constraint" >&2; exit 2 ;;
+esac
+PHASE2=trainwith$(echo "${REGULARIZER}" | tr -d _)loss  # its net, solver, log and snapshots
+REGULARIZER_WEIGHT=$(echo "${REGULARIZER}" | tr a-z A-Z)_LOSS_WEIGHT
 RUN_TEST=${RUN_TEST:-1}
 RUN_CONTROL=${RUN_CONTROL:-0}
 RUN_FULL=${RUN_FULL:-0}
@@ -51,6 +60,11 @@ if [ "${NET_ID}" = small_fcn ]; then
     PRESET_VALUES=$(${PYTHON} -m rloss.presets "${DATA_ROOT}" "${PRESET:-auto}") || exit 1
     for v in ${PRESET_VALUES}; do default "${v%%=*}" "${v#*=}"; done
   fi
+  # The other regularizers are scale-free as the files set them (ratios, normalized, fractions): one weight
+  # for every image size, chosen on the demo's val set (README, "Regularized losses").
+  for v in NORMALIZED_CUT_LOSS_WEIGHT=3 GATED_CRF_LOSS_WEIGHT=20 SIZE_CONSTRAINT_LOSS_WEIGHT=0.3; do
+    [ "${REGULARIZER_WEIGHT}" != "${v%%=*}" ] || default "${v%%=*}" "${v#*=}"
+  done
   for v in TEST_CROP_SIZE="${CROP_SIZE}" MAX_ITER=300 STEPSIZE=200 BASE_LR=0.001 MAX_ITER2=150 STEPSIZE2=100 \
            BASE_LR2="${BASE_LR:-0.001}"; do
     default "${v%%=*}" "${v#*=}"
@@ -70,19 +84,25 @@ else
   fi
   default NUM_LABELS 21  # PASCAL's: printed below, with the Caffe files' loss weight, for other data to see
   default DENSECRF_LOSS_WEIGHT 1e-8
+  if [ "${REGULARIZER}" != densecrf ] && eval "[ -z \"\${${REGULARIZER_WEIGHT}:-}\" ]"; then
+    echo "REGULARIZER=${REGULARIZER} on ${NET_ID}: set ${REGULARIZER_WEIGHT} (no published value to default to)" >&2
+    exit 2
+  fi
   default LIST_DIR "${EXP}/list"
   default MODEL_DIR "${EXP}/model/${NET_ID}"  # the original layout: the init models are there
   default LOG_DIR "${EXP}/log/${NET_ID}"
   SMALL_VARS=""
 fi
-echo "rloss run script: NET_ID=${NET_ID} DATA_ROOT=${DATA_ROOT} NUM_LABELS=${NUM_LABELS}"
+[ "${REGULARIZER}" = densecrf ] || REGULARIZER_VALUE="${REGULARIZER_WEIGHT}=$(eval echo "\${${REGULARIZER_WEIGHT}}")"
+echo "rloss run script: NET_ID=${NET_ID} DATA_ROOT=${DATA_ROOT} NUM_LABELS=${NUM_LABELS} REGULARIZER=${REGULARIZER}"
 echo "taken from the defaults:${DEFAULTED}"
 mkdir -p "${MODEL_DIR}" "${LOG_DIR}"
 
 set_vars() {  # the --set flags of every rloss call: the original's sed variables plus ours
   for v in "EXP=${EXP}" "NET_ID=${NET_ID}" "DATA_ROOT=${DATA_ROOT}" "TRAIN_SET=${TRAIN_SET}" "TEST_SET=${TEST_SET}" \
            "NUM_LABELS=${NUM_LABELS}" "DENSECRF_LOSS_WEIGHT=${DENSECRF_LOSS_WEIGHT}" "LIST_DIR=${LIST_DIR}" \
-           "CONFIG_DIR=${CONFIG_DIR}" "MODEL_DIR=${MODEL_DIR}" "FEATURE_DIR=${EXP}/features/${NET_ID}" ${SMALL_VARS}; do
+           "CONFIG_DIR=${CONFIG_DIR}" "MODEL_DIR=${MODEL_DIR}" "FEATURE_DIR=${EXP}/features/${NET_ID}" ${SMALL_VARS} \
+           ${REGULARIZER_VALUE:-}; do
     printf ' --set %s' "$v"
   done
 }
@@ -91,15 +111,31 @@ latest() {  # the snapshot of the highest iteration with this prefix
   ls "$1"_iter_*.caffemodel 2>/dev/null | sed 's/.*_iter_\([0-9]*\)\.caffemodel/\1 &/' | sort -n | tail -n 1 | cut -d' ' -f2
 }
 
-run() {  # echo the command, run it with its log, echo it again (as the original did); stop on failure
+# run LOG COMMAND...: echo the command, run it with its log, echo it again (as the original did); stop
+# on failure, naming the phase and its log. Ctrl-C (SIGINT to the whole process group) is the command's
+# to handle, as with caffe.bin (train: --sigint_effect, by default a snapshot and stop): tee ignores it
+# and writes the log until the command has ended; the subshell around the command outlives it with a
+# no-op trap (the command itself gets SIGINT's default back) to record the exit status ("|| status=$?":
+# set -e would end that subshell first); then the script names the phase and exits 130, starting no other.
+run() {
   log=$1; shift
   echo "Running $*"
   status_file="${LOG_DIR}/.status"
-  { "$@" 2>&1; echo $? > "${status_file}"; } | tee "${LOG_DIR}/${log}"
-  status=$(cat "${status_file}"); rm -f "${status_file}"
+  interrupted=0
+  trap 'interrupted=1' INT
+  { trap : INT; status=0; "$@" 2>&1 || status=$?; echo "${status}" > "${status_file}"; } |
+    (trap '' INT; exec tee "${LOG_DIR}/${log}")
+  trap - INT
+  status=$(cat "${status_file}" 2>/dev/null || echo unknown); rm -f "${status_file}"
+  if [ "${interrupted}" = 1 ]; then
+    echo "Interrupted (exit ${status}): $*" >&2
+    echo "rloss run script: interrupted during ${log%.log}; its log is ${LOG_DIR}/${log}" >&2
+    exit 130
+  fi
   if [ "${status}" != 0 ]; then
     echo "Failed (exit ${status}): $*" >&2
     echo "rloss run script: ${log%.log} failed; its log is ${LOG_DIR}/${log}" >&2
+    [ "${status}" != unknown ] || exit 1  # the subshell was killed before it could record the status
     exit "${status}"
   fi
   echo "Done: $*"
@@ -129,7 +165,7 @@ if [ "${RUN_TRAINWITHDENSECRFLOSS}" = 1 ]; then
   else
     WEIGHTS=$(latest "${MODEL_DIR}/train")
   fi
-  run trainwithdensecrfloss.log ${RLOSS_TRAIN} train --solver="${CONFIG_DIR}/solverwithdensecrfloss.prototxt" \
+  run "${PHASE2}.log" ${RLOSS_TRAIN} train --solver="${CONFIG_DIR}/$(echo "${PHASE2}" | sed 's/^train/solver/').prototxt" \
     --weights="${WEIGHTS}" ${GPU_FLAG} $(set_vars)
   if [ "${RUN_CONTROL}" = 1 ]; then
     run control.log ${RLOSS_TRAIN} train --solver="${CONFIG_DIR}/solverwithdensecrfloss.prototxt" \
@@ -147,6 +183,9 @@ if [ "${RUN_TEST}" = 1 ]; then
   RESULTS=${LOG_DIR}/results.txt
   : > "${RESULTS}"
   for entry in "pce:partial cross-entropy:${MODEL_DIR}/train" "densecrf:+ DenseCRF loss:${MODEL_DIR}/trainwithdensecrfloss" \
+               "normalized_cut:+ normalized cut loss:${MODEL_DIR}/trainwithnormalizedcutloss" \
+               "gated_crf:+ Gated CRF loss:${MODEL_DIR}/trainwithgatedcrfloss" \
+               "size_constraint:+ size constraint loss:${MODEL_DIR}/trainwithsizeconstraintloss" \
                "control:partial cross-entropy, as long (control):${MODEL_DIR}/control/trainwithdensecrfloss" \
                "full:full supervision:${MODEL_DIR}/full/train"; do
     name=${entry%%:*}; rest=${entry#*:}; label=${rest%%:*}
@@ -164,7 +203,8 @@ if [ "${RUN_TEST}" = 1 ]; then
 fi
 
 TRAIN_LOGS=""
-for log in train trainwithdensecrfloss control full; do
+for log in train trainwithdensecrfloss trainwithnormalizedcutloss trainwithgatedcrfloss trainwithsizeconstraintloss \
+           control full; do
   [ -f "${LOG_DIR}/${log}.log" ] && TRAIN_LOGS="${TRAIN_LOGS} ${LOG_DIR}/${log}.log"
 done
 if [ -n "${TRAIN_LOGS}" ]; then  # the training curves beside the logs (needs matplotlib; not fatal)

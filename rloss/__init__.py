@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from rloss.losses import DenseCRFLoss  # noqa: E402
+from rloss.losses import DenseCRFLoss, GatedCRFLoss, GatedKernel, NormalizedCutLoss, SizeConstraintLoss  # noqa: E402
 
-__all__ = ["DenseCRFLoss", "__version__"]
+__all__ = ["DenseCRFLoss", "GatedCRFLoss", "GatedKernel", "NormalizedCutLoss", "SizeConstraintLoss", "__version__"]

@@ -4,7 +4,7 @@
 
 Every registered layer type's forward and backward (small generated nets: tops, bottom and parameter
 gradients, parameters after the step); 5 SGDSolver iterations of a small net (weights and momentum
-history); the DenseCRF layer and the rloss.DenseCRFLoss module with CUDA tensors; one bf16 and one
+history); the DenseCRF layer and the loss modules (rloss.DenseCRFLoss, ...) with CUDA tensors; one bf16 and one
 fp16 autocast step against fp32 (Net.precision); 2-rank NCCL training
 through `python -m rloss train --gpu=0,1` when 2 GPUs exist (exit 0 and one snapshot); LargeFOV
 forward+backward seconds per iteration in fp32 and bf16. Comparisons run with TF32 off. Prints a
@@ -17,6 +17,7 @@ where there is no GPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import statistics
@@ -110,6 +111,20 @@ CASES: dict[str, list[LayerCase]] = {
         'type: "DenseCRFLoss" bottom: "i" bottom: "p" top: "y" loss_weight: 0.001 propagate_down: false '
         'propagate_down: true densecrf_loss_param { bi_xy_std: 5 bi_rgb_std: 10 }',
         {"i": ((2, 3, 12, 12), "image"), "p": ((2, 4, 12, 12), "probabilities")})],
+    "GatedCRFLoss": [LayerCase(
+        'type: "GatedCRFLoss" bottom: "i" bottom: "p" top: "y" loss_weight: 1 propagate_down: false '
+        'propagate_down: true gated_crf_loss_param { kernel { xy_std: 3 rgb_std: 20 } kernel { weight: 0.5 xy_std: 2 '
+        'rgb_std: 0 } radius: 3 normalize: true }',
+        {"i": ((2, 3, 12, 12), "image"), "p": ((2, 4, 12, 12), "probabilities")})],
+    "NormalizedCutLoss": [LayerCase(
+        'type: "NormalizedCutLoss" bottom: "i" bottom: "p" top: "y" loss_weight: 1 propagate_down: false '
+        'propagate_down: true normalized_cut_loss_param { bi_xy_std: 5 bi_rgb_std: 10 }',
+        {"i": ((2, 3, 12, 12), "image"), "p": ((2, 4, 12, 12), "probabilities")})],
+    "SizeConstraintLoss": [LayerCase(
+        'type: "SizeConstraintLoss" bottom: "i" bottom: "p" bottom: "l" top: "y" loss_weight: 1 '
+        'propagate_down: false propagate_down: true propagate_down: false '
+        'size_constraint_loss_param { lower: 0.3 upper: 0.6 }',
+        {"i": ((2, 3, 12, 12), "image"), "p": ((2, 4, 12, 12), "probabilities"), "l": ((2, 1, 12, 12), "labels 4")})],
     "Dropout": [LayerCase('type: "Dropout" bottom: "x" top: "y" dropout_param { dropout_ratio: 0.5 }',
                           {"x": ((4, 8, 8, 8), "normal")}, expected=dropout_expected)],
     "DummyData": [LayerCase('type: "DummyData" top: "y" dummy_data_param { shape { dim: 2 dim: 3 } '
@@ -340,22 +355,37 @@ def solver_row(device: torch.device, files: dict[str, str], folder: Path) -> Row
     return verdict("solver: 5 SGD iterations", *compare(states[0], states[1], SOLVER_TOLERANCE))
 
 
-def densecrf_module_row(device: torch.device) -> Row:
-    """rloss.DenseCRFLoss (the PyTorch port's module) on device tensors: loss and gradient."""
-    from rloss import DenseCRFLoss
+def loss_module_rows(device: torch.device) -> list[Row]:
+    """The loss modules (rloss.DenseCRFLoss, NormalizedCutLoss, GatedCRFLoss, SizeConstraintLoss) on device
+    tensors against the CPU: loss and gradient."""
+    from rloss import DenseCRFLoss, GatedCRFLoss, GatedKernel, NormalizedCutLoss, SizeConstraintLoss
 
     generator = torch.Generator().manual_seed(SEED)
     images = torch.randint(0, 256, (2, 3, 16, 16), generator=generator).float()
     scores = torch.randn(2, 4, 16, 16, generator=generator)
     rois = (torch.rand(2, 16, 16, generator=generator) > 0.2).float()
-    results = []
-    for where in (torch.device("cpu"), device):
-        logits = scores.to(where).requires_grad_(True)
-        loss = DenseCRFLoss(weight=1e-3, sigma_rgb=15, sigma_xy=10, scale_factor=0.5)(
-            images.to(where), torch.softmax(logits, dim=1), rois.to(where))
-        loss.sum().backward()
-        results.append({"loss": loss.detach().cpu(), "gradient": logits.grad.cpu()})
-    return verdict("rloss.DenseCRFLoss module", *compare(results[0], results[1], TOLERANCE))
+    lower, upper = torch.full((2, 4), 0.1), torch.full((2, 4), 0.3)
+    modules = {
+        "rloss.DenseCRFLoss module": DenseCRFLoss(weight=1e-3, sigma_rgb=15, sigma_xy=10, scale_factor=0.5),
+        "rloss.NormalizedCutLoss module": NormalizedCutLoss(weight=1.0, sigma_rgb=15, sigma_xy=10),
+        "rloss.GatedCRFLoss module": GatedCRFLoss(1.0, [GatedKernel(1.0, 4.0, 20.0)], radius=3, scale_factor=0.5),
+        "rloss.SizeConstraintLoss module": SizeConstraintLoss(1.0, normalize=True),
+    }
+
+    def row(name: str, module: torch.nn.Module) -> Row:
+        results = []
+        for where in (torch.device("cpu"), device):
+            logits = scores.to(where).requires_grad_(True)
+            probabilities = torch.softmax(logits, dim=1)
+            if isinstance(module, SizeConstraintLoss):
+                loss = module(probabilities, rois.to(where), lower.to(where), upper.to(where))
+            else:
+                loss = module(images.to(where), probabilities, rois.to(where))
+            loss.sum().backward()
+            results.append({"loss": loss.detach().cpu(), "gradient": logits.grad.cpu()})
+        return verdict(name, *compare(results[0], results[1], TOLERANCE))
+
+    return [guarded(name, functools.partial(row, name, module)) for name, module in modules.items()]
 
 
 def precision_rows(device: torch.device, files: dict[str, str]) -> list[Row]:
@@ -456,7 +486,7 @@ def all_rows(device: torch.device, args: argparse.Namespace) -> list[Row]:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         rows = layer_rows(device, files)
         rows.append(guarded("solver: 5 SGD iterations", lambda: solver_row(device, files, folder)))
-        rows.append(guarded("rloss.DenseCRFLoss module", lambda: densecrf_module_row(device)))
+        rows += loss_module_rows(device)
         rows += precision_rows(device, files)
         rows.append(guarded(NCCL_CHECK, lambda: nccl_row(files, folder)) if device.type == "cuda"
                     else Row(NCCL_CHECK, "n/a", "not on the CPU"))

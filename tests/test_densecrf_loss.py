@@ -18,53 +18,23 @@ from google.protobuf import text_format
 
 from rloss import DenseCRFLoss as DenseCRFLossModule
 from rloss.errors import LayerError, NetError, RlossError
-from rloss.lattice import Permutohedral, caffe_roi_mask
+from rloss.lattice import caffe_roi_mask
 from rloss.layers.registry import layer_class
-from rloss.losses import DenseCRFLossFunction
+from rloss.losses.densecrf import DenseCRFLossFunction
 from rloss.net import Net
 from rloss.proto import caffe_pb2
+from tests.loss_data import MEAN_BGR, lattice_matrix, lattice_operator, synthetic_image, synthetic_segmentation
 from tests.shared_data import golden
 
-MEAN_BGR = np.array([104.008, 116.669, 122.675], np.float32)
 LAYER = ('name: "crf" type: "DenseCRFLoss" bottom: "data" bottom: "seg" top: "loss" {extra} '
-         "densecrf_loss_param {{ bi_xy_std: {sxy} bi_rgb_std: {srgb} }}")
+         "densecrf_loss_param {{ bi_xy_std: {sxy} bi_rgb_std: {srgb} {more} }}")
 
 
 def make_layer(shapes, extra: str = "loss_weight: 1 propagate_down: false propagate_down: true",
-               sxy: float = 5.0, srgb: float = 20.0):
-    text = LAYER.format(extra=extra, sxy=sxy, srgb=srgb)
+               sxy: float = 5.0, srgb: float = 20.0, more: str = ""):
+    text = LAYER.format(extra=extra, sxy=sxy, srgb=srgb, more=more)
     param = text_format.Parse(text, caffe_pb2.LayerParameter())
     return layer_class("DenseCRFLoss")(param, shapes, caffe_pb2.TRAIN)
-
-
-def synthetic_image(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
-    """Mean-subtracted BGR images: colour blocks plus noise, with zero padding at the bottom/right
-    like a crop of a smaller image (the layer's mask must remove it)."""
-    rng = np.random.RandomState(seed)
-    images = np.empty((n, 3, h, w), np.float32)
-    for i in range(n):
-        colours = rng.uniform(0, 255, size=(4, 3)).astype(np.float32)
-        block = (np.arange(h)[:, None] * 2 // h) * 2 + (np.arange(w)[None, :] * 2 // w)
-        noise = rng.randn(3, h, w).astype(np.float32) * 8
-        images[i] = colours[block].transpose(2, 0, 1) + noise - MEAN_BGR[:, None, None]
-        images[i, :, h - 1 - i:, :] = 0.0
-        images[i, :, :, w - 2:] = 0.0
-    return images
-
-
-def synthetic_segmentation(n: int, k: int, h: int, w: int, seed: int = 1) -> np.ndarray:
-    logits = torch.from_numpy(np.random.RandomState(seed).randn(n, k, h, w).astype(np.float32) * 2)
-    return torch.softmax(logits, dim=1).numpy()
-
-
-def lattice_matrix(image: np.ndarray, sxy: float, srgb: float) -> np.ndarray:
-    """The dense matrix A (pixels x pixels) of the bilateral lattice of one (3, H, W) image: column q is
-    the lattice's response to the unit vector at q. Features built here (x = column, y = row)."""
-    _, h, w = image.shape
-    ys, xs = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
-    features = [xs / np.float32(sxy), ys / np.float32(sxy)] + [c / np.float32(srgb) for c in image]
-    lattice = Permutohedral(np.stack(features, axis=-1).reshape(h * w, 5))
-    return lattice.filter(np.eye(h * w, dtype=np.float32)).astype(np.float64)
 
 
 def layer_loss_and_grad(layer, image: np.ndarray, seg: np.ndarray, weight: float = 1.0):
@@ -377,7 +347,7 @@ def test_the_layers_scale_factor_is_the_loss_of_the_resampled_inputs_with_a_scal
     bilinearly to half size with bi_xy_std halved; the gradient comes back through the resampling."""
     image = torch.from_numpy(synthetic_image(2, 12, 14))
     seg = torch.from_numpy(synthetic_segmentation(2, 3, 12, 14)).requires_grad_(True)
-    text = LAYER.format(extra="loss_weight: 1 propagate_down: false propagate_down: true", sxy=6.0, srgb=20.0)
+    text = LAYER.format(extra="loss_weight: 1 propagate_down: false propagate_down: true", sxy=6.0, srgb=20.0, more="")
     param = text_format.Parse(text.replace("bi_rgb_std: 20.0", "bi_rgb_std: 20.0 scale_factor: 0.5"),
                               caffe_pb2.LayerParameter())
     assert param.densecrf_loss_param.scale_factor == 0.5
@@ -398,7 +368,7 @@ def test_the_layers_scale_factor_is_the_loss_of_the_resampled_inputs_with_a_scal
 
 
 def test_a_scale_factor_that_leaves_no_pixel_is_refused_naming_the_layer():
-    text = LAYER.format(extra="loss_weight: 1 propagate_down: false propagate_down: true", sxy=5.0, srgb=20.0)
+    text = LAYER.format(extra="loss_weight: 1 propagate_down: false propagate_down: true", sxy=5.0, srgb=20.0, more="")
     param = text_format.Parse(text.replace("bi_rgb_std: 20.0", "bi_rgb_std: 20.0 scale_factor: 0.01"),
                               caffe_pb2.LayerParameter())
     layer = layer_class("DenseCRFLoss")(param, [(1, 3, 16, 16), (1, 2, 16, 16)], caffe_pb2.TRAIN)
@@ -408,3 +378,52 @@ def test_a_scale_factor_that_leaves_no_pixel_is_refused_naming_the_layer():
         bad = text_format.Parse(text.replace("bi_rgb_std: 20.0", "bi_rgb_std: 20.0 scale_factor: -1"),
                                 caffe_pb2.LayerParameter())
         layer_class("DenseCRFLoss")(bad, [(1, 3, 16, 16), (1, 2, 16, 16)], caffe_pb2.TRAIN)
+
+
+# ---- (e) normalize: one weight for every crop size and scale ----------------------------------------
+def test_normalize_divides_each_image_by_its_roi_response() -> None:
+    n, k, h, w = 2, 3, 9, 11
+    images, seg = synthetic_image(n, h, w), synthetic_segmentation(n, k, h, w)
+    layer = make_layer([images.shape, seg.shape], more="normalize: true")
+    assert layer.normalize
+    top, grad = layer_loss_and_grad(layer, images, seg, weight=0.7)
+    mask = caffe_roi_mask(images).reshape(n, 1, h * w).astype(np.float64)
+    masked = seg.reshape(n, k, h * w) * mask
+    operators = [lattice_operator(images[i], 5.0, 20.0) for i in range(n)]
+    norms = np.array([mask[i, 0] @ operators[i] @ mask[i, 0] for i in range(n)])
+    filtered = np.stack([masked[i] @ operators[i].T for i in range(n)])
+    expected = -((masked * filtered).sum(axis=(1, 2)) / norms).sum() / n
+    expected_grad = (-2.0 * 0.7 / n) * filtered * mask / norms[:, None, None]
+    assert -1 < expected < 0 and abs(float(top) - expected) <= 1e-5 * abs(expected)
+    assert np.abs(grad.numpy().reshape(n, k, -1) - expected_grad).max() <= 1e-5 * np.abs(expected_grad).max()
+
+
+def test_normalized_loss_of_a_uniform_segmentation_is_minus_one_over_k() -> None:
+    images = torch.from_numpy(synthetic_image(2, 12, 10) + MEAN_BGR[:, None, None])
+    rois = torch.ones(2, 12, 10)
+    rois[1, :4] = 0
+    loss = DenseCRFLossModule(1.0, 15.0, 5.0, normalize=True)(images, torch.full((2, 4, 12, 10), 0.25), rois)
+    assert float(loss) == pytest.approx(-0.25, rel=1e-5)
+
+
+def test_normalize_makes_the_loss_independent_of_the_resolution() -> None:
+    """The same picture at twice the size (sigma_xy doubled): about 16 times the plain loss (pixels
+    squared), the same normalized loss."""
+    images = torch.from_numpy(synthetic_image(1, 16, 16) + MEAN_BGR[:, None, None])
+    seg = torch.from_numpy(synthetic_segmentation(1, 3, 16, 16))
+    rois = torch.ones(1, 16, 16)
+    big = [F.interpolate(images, scale_factor=2.0), F.interpolate(seg, scale_factor=2.0), torch.ones(1, 32, 32)]
+    ratios = {}
+    for normalize in (False, True):
+        small_loss = DenseCRFLossModule(1.0, 15.0, 4.0, normalize=normalize)(images, seg, rois)
+        big_loss = DenseCRFLossModule(1.0, 15.0, 8.0, normalize=normalize)(*big)
+        ratios[normalize] = float(big_loss) / float(small_loss)
+    assert 12 < ratios[False] < 20 and ratios[True] == pytest.approx(1.0, abs=0.05)
+
+
+def test_normalize_refuses_an_empty_roi() -> None:
+    module = DenseCRFLossModule(1.0, 15.0, 5.0, normalize=True)
+    rois = torch.ones(2, 6, 6)
+    rois[1] = 0
+    with pytest.raises(RlossError, match="^DenseCRFLoss: the region of interest of image 1 is empty"):
+        module(torch.zeros(2, 3, 6, 6), torch.full((2, 2, 6, 6), 0.5), rois)

@@ -13,8 +13,18 @@ import pytest
 from google.protobuf import text_format
 
 from rloss.errors import NetError, ProtoError
-from rloss.layers import layer_types
-from rloss.models import KINDS, NETWORKS, SOLVER_FILES, deeplab_largefov, deeplab_msc_largefov, resnet101_msc
+from rloss.models import (
+    KINDS,
+    NETWORKS,
+    ORIGINAL_KINDS,
+    ORIGINAL_SOLVER_FILES,
+    REGULARIZERS,
+    SOLVER_FILES,
+    deeplab_largefov,
+    deeplab_msc_largefov,
+    resnet101_msc,
+)
+from rloss.models.small_fcn import SMALL_FCN_DIR, small_fcn_files
 from rloss.models.write_exper import CONFIG_DIR, exper_files, main, stale_files
 from rloss.net import Net
 from rloss.netspec import NetBuilder, Var
@@ -23,7 +33,9 @@ from rloss.proto.text import read_net, read_solver
 from rloss.wiring import data_layers_to_inputs
 from tests.shared_data import REPO, shared_path
 
-FILE_STEMS = list(SOLVER_FILES.values()) + list(KINDS)
+ORIGINAL_STEMS = list(ORIGINAL_SOLVER_FILES.values()) + list(ORIGINAL_KINDS)
+SMALL_FCN_VALUES = {"CROP_SIZE": "33", "BATCH_SIZE": "2", "BI_XY_STD": "30", "BI_RGB_STD": "15", "DENSECRF_SCALE": "1",
+                    "NUM_LABELS": "4", "LIST_DIR": "/absent"}
 SMALL_NETS = ["deeplab_largeFOV", "deeplab_msc_largeFOV", "deeplab_vgg16"]
 
 
@@ -34,7 +46,8 @@ def _generated() -> dict[Path, str]:
 
 def _values(net_id: str) -> dict[str, str]:
     return {"NUM_LABELS": "21", "DENSECRF_LOSS_WEIGHT": "1e-8", "DATA_ROOT": "/data/", "EXP": "pascal_scribble",
-            "TRAIN_SET": "train", "TEST_SET": "val", "NET_ID": net_id, "FEATURE_DIR": "/f"}
+            "TRAIN_SET": "train", "TEST_SET": "val", "NET_ID": net_id, "FEATURE_DIR": "/f",
+            **{regularizer.weight.name: "0.5" for regularizer in REGULARIZERS.values()}}
 
 
 def _read(path: Path, net_id: str, stem: str):
@@ -68,7 +81,7 @@ def _diff(mine, original) -> str:
 
 
 @pytest.mark.parametrize("net_id", list(NETWORKS))
-@pytest.mark.parametrize("stem", FILE_STEMS)
+@pytest.mark.parametrize("stem", ORIGINAL_STEMS)
 def test_generated_file_reads_as_the_original(net_id: str, stem: str, tmp_path: Path) -> None:
     original = shared_path("reference", "rloss-exper", CONFIG_DIR, net_id, f"{stem}.prototxt")
     ours = tmp_path / f"{stem}.prototxt"
@@ -79,14 +92,37 @@ def test_generated_file_reads_as_the_original(net_id: str, stem: str, tmp_path: 
 
 def test_committed_tree_is_what_the_generators_write() -> None:
     files = _generated()
-    assert len(files) == 20
+    assert len(files) == len(NETWORKS) * (len(SOLVER_FILES) + len(KINDS)) == 44
     stale = stale_files(REPO, files)
     assert not stale, f"regenerate with `python -m rloss.models.write_exper`; out of date: {stale}"
     committed = {path.relative_to(REPO) for path in (REPO / CONFIG_DIR).rglob("*") if path.is_file()}
     assert committed == set(files), f"files no generator writes: {sorted(committed - set(files))}"
 
 
+def test_committed_small_fcn_files_are_what_the_generator_derives() -> None:
+    files = small_fcn_files(REPO)
+    others = [r for r in REGULARIZERS.values() if r.name != "densecrf"]
+    assert sorted(path.name for path in files) == sorted(
+        f"{stem}.prototxt" for r in others for stem in (r.kind, r.solver_stem))
+    assert not stale_files(REPO, files), "regenerate with `python -m rloss.models.write_exper`"
+    values = {**_values("small_fcn"), **SMALL_FCN_VALUES}
+    original = read_net(REPO / SMALL_FCN_DIR / "trainwithdensecrfloss.prototxt", values=values)
+    for regularizer in others:
+        path = REPO / SMALL_FCN_DIR / f"{regularizer.kind}.prototxt"
+        net = read_net(path, values=values)
+        assert [layer for layer in net.layer if layer.name != regularizer.layer_name] == [
+            layer for layer in original.layer if layer.name != "densecrf_loss"]
+        (layer,) = [layer for layer in net.layer if layer.name == regularizer.layer_name]
+        assert layer.type == regularizer.layer_type and list(layer.propagate_down[:2]) == [False, True]
+        built = Net.from_prototxt(path, caffe_pb2.TRAIN, values=values, feed_data_layers=True)
+        assert built.blob_shapes[regularizer.layer_name] == (1, 1, 1, 1)
+
+
 def test_write_exper_command_writes_and_checks(tmp_path: Path) -> None:
+    (tmp_path / SMALL_FCN_DIR).mkdir(parents=True)
+    for stem in ("trainwithdensecrfloss", "solverwithdensecrfloss"):
+        source = REPO / SMALL_FCN_DIR / f"{stem}.prototxt"
+        (tmp_path / SMALL_FCN_DIR / source.name).write_bytes(source.read_bytes())
     assert main([str(tmp_path), "--check"]) == 1
     assert main([str(tmp_path)]) == 0
     assert main([str(tmp_path), "--check"]) == 0
@@ -94,18 +130,11 @@ def test_write_exper_command_writes_and_checks(tmp_path: Path) -> None:
     assert main([str(tmp_path), "--check"]) == 1
 
 
-def _needs_crf_layer(kind: str) -> None:
-    if kind == "trainwithdensecrfloss" and "DenseCRFLoss" not in layer_types():
-        pytest.skip("the DenseCRFLoss layer (rloss/layers/crf.py) is not registered yet, "
-                    "so the trainwithdensecrfloss nets cannot be built")
-
-
 def _phase(kind: str) -> int:
     return caffe_pb2.TEST if kind == "test" else caffe_pb2.TRAIN
 
 
 def _build_committed(net_id: str, kind: str) -> Net:
-    _needs_crf_layer(kind)
     path = REPO / CONFIG_DIR / net_id / f"{kind}.prototxt"
     return Net.from_prototxt(path, _phase(kind), values=_values(net_id), feed_data_layers=True)
 
@@ -173,7 +202,6 @@ def test_crf_variant_writes_its_settings() -> None:
     layer = [layer for layer in builder.net_parameter(_values("v")).layer if layer.name == "densecrf_loss"][0]
     assert list(layer.loss_weight) == [pytest.approx(2e-9)]
     assert (layer.densecrf_loss_param.bi_xy_std, layer.densecrf_loss_param.bi_rgb_std) == (50, 10)
-    _needs_crf_layer("trainwithdensecrfloss")
     net = _build_variant(builder, "trainwithdensecrfloss")
     assert net.blob_shapes["fc8_interp_softmax"] == (20, 21, 161, 161)
 

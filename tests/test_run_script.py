@@ -53,6 +53,38 @@ def test_run_script_runs_all_phases_and_prints_the_table(tmp_path: Path) -> None
         assert 0 <= miou <= 100 and 0 <= accuracy <= 100
 
 
+def test_phase_two_with_each_other_regularizer(tmp_path: Path) -> None:
+    """REGULARIZER picks phase 2's solver, net, log and snapshots; the table lists every model found."""
+    done = run_script(tmp_path, REGULARIZER="normalized_cut", MAX_ITER="2")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " NORMALIZED_CUT_LOSS_WEIGHT=3 " in done.stdout.split("Running")[0]  # printed as a default taken
+    for regularizer, weight in (("gated_crf", "GATED_CRF_LOSS_WEIGHT=7"), ("size_constraint", "")):
+        settings = dict(REGULARIZER=regularizer, RUN_TRAIN="0")
+        if weight:
+            settings[weight.split("=")[0]] = weight.split("=")[1]
+        done = run_script(tmp_path, **settings)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert not weight or f"--set {weight}" in done.stdout
+    for kind, layer in (("trainwithnormalizedcutloss", "normalized_cut_loss"),
+                        ("trainwithgatedcrfloss", "gated_crf_loss"),
+                        ("trainwithsizeconstraintloss", "size_constraint_loss")):
+        assert (tmp_path / "model" / f"{kind}_iter_2.caffemodel").is_file(), kind
+        assert layer in (tmp_path / "log" / f"{kind}.log").read_text()
+    table = done.stdout[done.stdout.index("small_fcn on val"):].splitlines()
+    assert [row[:42].strip() for row in table[2:] if row.strip()][:4] == [
+        "partial cross-entropy", "+ normalized cut loss", "+ Gated CRF loss", "+ size constraint loss"]
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"REGULARIZER": "tv"}, "REGULARIZER=tv: expected densecrf, normalized_cut, gated_crf or size_constraint"),
+    ({"REGULARIZER": "gated_crf", "NET_ID": "deeplab_largeFOV"},
+     "REGULARIZER=gated_crf on deeplab_largeFOV: set GATED_CRF_LOSS_WEIGHT"),
+])
+def test_a_bad_regularizer_choice_stops_before_any_phase(tmp_path: Path, settings: dict, message: str) -> None:
+    done = run_script(tmp_path, **settings)
+    assert done.returncode == 2 and message in done.stderr and "Running" not in done.stdout
+
+
 @pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 2),
                     reason="torch 2.1's torchrun agent crashed (segmentation fault in socket.getfqdn while it "
                            "recorded the workers' exit) in one of two CI runs; tests/test_distributed.py covers "

@@ -3,7 +3,18 @@
 Importing this package imports every family module, which registers its classes.
 """
 
-from rloss.layers import activation, crf, data, image_data, loss, structure, vision  # noqa: F401
+from rloss.layers import (  # noqa: F401
+    activation,
+    crf,
+    data,
+    gated_crf_loss,
+    image_data,
+    loss,
+    normalized_cut_loss,
+    size_constraint_loss,
+    structure,
+    vision,
+)
 from rloss.layers.base import Layer
 from rloss.layers.registry import layer_class, layer_types, register_layer
 

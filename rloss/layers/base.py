@@ -8,6 +8,7 @@ Forward is plain PyTorch; backward comes from autograd unless a layer defines it
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Sequence
 
 import torch
@@ -103,6 +104,12 @@ class Layer(nn.Module):
         blob = nn.Parameter(data)
         self.blobs.append(blob)
         return blob
+
+    def positive(self, name: str, value: float) -> float:
+        """`value` of the parameter `name`, which must be a finite number > 0 (sigmas, scales)."""
+        if not (math.isfinite(value) and value > 0):
+            raise self.error(f"{name} must be a finite number > 0, got {value}")
+        return float(value)
 
     def check_shape(self, shape: Sequence[int], what: str, itemsize: int = 4) -> None:
         """Refuse, before it is allocated, a blob that Caffe could not hold or this machine could not

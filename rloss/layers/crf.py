@@ -3,7 +3,6 @@ both on the fork's permutohedral lattice (`rloss.lattice`)."""
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -14,20 +13,15 @@ from rloss.errors import LatticeError
 from rloss.lattice import Permutohedral
 from rloss.layers.base import Layer, Shape
 from rloss.layers.registry import register_layer
-from rloss.losses import densecrf_loss, downscaled
+from rloss.layers.regularized_loss import RegularizedLossLayer
+from rloss.losses.common import downscaled
+from rloss.losses.densecrf import densecrf_loss
 
-log = logging.getLogger("rloss")
 FLT_MIN = float(np.finfo(np.float32).tiny)
 
 
-def _positive(layer: Layer, name: str, value: float) -> float:
-    if not (math.isfinite(value) and value > 0):
-        raise layer.error(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
-
-
 @register_layer("DenseCRFLoss")
-class DenseCRFLoss(Layer):
+class DenseCRFLoss(RegularizedLossLayer):
     """-(1/N) sum_n sum_c <m S_c, A(m S_c)> over bottoms [image (N,3,H,W) mean-subtracted BGR,
     segmentation S (N,C,H,W)]; top (1,1,1,1). m is the fork's mask (pixels whose three channels
     truncate to 0 are padding) and A the unnormalised bilateral lattice filter with features
@@ -37,54 +31,25 @@ class DenseCRFLoss(Layer):
     `scale_factor` (an rloss extension, the PyTorch port's --rloss-scale) computes the loss on the
     image resampled nearest and the segmentation bilinearly to floor(size * scale_factor), with
     bi_xy_std * scale_factor (the pixel distances shrink with the image); the gradient goes back
-    through the bilinear resampling.
+    through the bilinear resampling. `normalize` (an rloss extension) divides each image's loss by
+    <m, A m>, so that one weight fits every crop size and scale.
     Like the fork the layer has no default loss weight. Unlike the fork, which froze N, H, W at set-up
     and never compared the two bottoms, N is read from the bottoms at every forward and the image and
     the segmentation must agree in N, H and W.
     """
 
-    bottoms = (2, 2)
-    tops = (0, 1)
-    auto_tops = 1
-    default_loss_weight = 0.0
-    no_gradient_bottoms = (0,)
-    runs_in_float32 = True  # the lattice filters float32; the energy is a small difference of large sums
-
-    def setup(self, bottom_shapes: list[Shape]) -> None:
+    def setup_loss(self, bottom_shapes: list[Shape]) -> None:
         param = self.param.densecrf_loss_param
-        self.sigma_xy = _positive(self, "densecrf_loss_param.bi_xy_std", param.bi_xy_std)
-        self.sigma_rgb = _positive(self, "densecrf_loss_param.bi_rgb_std", param.bi_rgb_std)
-        self.scale_factor = _positive(self, "densecrf_loss_param.scale_factor", param.scale_factor)
-        if self.param.propagate_down and self.param.propagate_down[0]:
-            raise self.error(
-                "back-propagating into the image is not supported; set propagate_down: false, true"
-            )
-        if not self.param.loss_weight:
-            log.warning(
-                "layer '%s' (type DenseCRFLoss) has no loss_weight: it contributes nothing to the objective "
-                "and gets no gradient (this layer has no default loss weight, as in the fork)",
-                self.name,
-            )
-
-    def reshape(self, bottom_shapes: list[Shape]) -> list[Shape]:
-        self._check_shapes(bottom_shapes[0], bottom_shapes[1])
-        return [(1, 1, 1, 1)]
-
-    def _check_shapes(self, image: Shape, segmentation: Shape) -> None:
-        if len(image) != 4 or image[1] != 3:
-            raise self.error(f"bottom 0 (the image) must have shape (N, 3, H, W), got {image}")
-        if len(segmentation) != 4:
-            raise self.error(f"bottom 1 (the segmentation) must have shape (N, C, H, W), got {segmentation}")
-        if (image[0], image[2], image[3]) != (segmentation[0], segmentation[2], segmentation[3]):
-            raise self.error(
-                f"the image {image} and the segmentation {segmentation} must agree in N, H and W"
-            )
+        self.sigma_xy = self.positive("densecrf_loss_param.bi_xy_std", param.bi_xy_std)
+        self.sigma_rgb = self.positive("densecrf_loss_param.bi_rgb_std", param.bi_rgb_std)
+        self.scale_factor = self.positive("densecrf_loss_param.scale_factor", param.scale_factor)
+        self.normalize = bool(param.normalize)
 
     def forward(self, image: torch.Tensor, segmentation: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
-        self._check_shapes(tuple(image.shape), tuple(segmentation.shape))
+        self.check_image_and_segmentation(tuple(image.shape), tuple(segmentation.shape))
         image, segmentation, _ = downscaled(self.scale_factor, image, segmentation, None, self.error)
         loss = densecrf_loss(image, segmentation, None, self.sigma_rgb, self.sigma_xy * self.scale_factor,
-                             self.error)
+                             self.error, self.normalize)
         return [loss.reshape(1, 1, 1, 1)]
 
 
@@ -130,14 +95,14 @@ class DenseCRF(Layer):
     def _spatial_kernels(self, param) -> list[_Kernel]:
         self._equal_lengths(pos_w=param.pos_w, pos_xy_std=param.pos_xy_std)
         return [
-            _Kernel(self._weight("pos_w", w), _positive(self, "pos_xy_std", s), None)
+            _Kernel(self._weight("pos_w", w), self.positive("pos_xy_std", s), None)
             for w, s in zip(param.pos_w, param.pos_xy_std)
         ]
 
     def _bilateral_kernels(self, param) -> list[_Kernel]:
         self._equal_lengths(bi_w=param.bi_w, bi_xy_std=param.bi_xy_std, bi_rgb_std=param.bi_rgb_std)
         return [
-            _Kernel(self._weight("bi_w", w), _positive(self, "bi_xy_std", s), _positive(self, "bi_rgb_std", r))
+            _Kernel(self._weight("bi_w", w), self.positive("bi_xy_std", s), self.positive("bi_rgb_std", r))
             for w, s, r in zip(param.bi_w, param.bi_xy_std, param.bi_rgb_std)
         ]
 

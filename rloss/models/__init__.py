@@ -4,15 +4,17 @@
 from rloss.models.deeplab import (
     KINDS,
     NETWORKS,
+    ORIGINAL_KINDS,
     NetOptions,
     deeplab_largefov,
     deeplab_msc_largefov,
     deeplab_vgg16,
     resnet101_msc,
 )
-from rloss.models.solvers import SOLVER_FILES, solver, solver_text
+from rloss.models.regularizers import REGULARIZERS
+from rloss.models.solvers import ORIGINAL_SOLVER_FILES, SOLVER_FILES, solver, solver_text
 
 __all__ = [
-    "KINDS", "NETWORKS", "NetOptions", "SOLVER_FILES", "deeplab_largefov", "deeplab_msc_largefov", "deeplab_vgg16",
-    "resnet101_msc", "solver", "solver_text",
+    "KINDS", "NETWORKS", "NetOptions", "ORIGINAL_KINDS", "ORIGINAL_SOLVER_FILES", "REGULARIZERS", "SOLVER_FILES",
+    "deeplab_largefov", "deeplab_msc_largefov", "deeplab_vgg16", "resnet101_msc", "solver", "solver_text",
 ]

@@ -2,7 +2,8 @@
 DeepLab-v2 VGG16 ASPP-L and DeepLab-v2 ResNet-101 on three scales), as `NetBuilder`s with options.
 
 Each function takes `kind`: "train" (partial cross-entropy on the scribbles), "trainwithdensecrfloss"
-(the same plus the DenseCRF loss on the upsampled softmax) or "test" (full-resolution scores scored by
+(the same plus the DenseCRF loss on the upsampled softmax; "trainwithnormalizedcutloss" etc. with
+rloss's other regularizers, `rloss.models.regularizers`) or "test" (full-resolution scores scored by
 SegAccuracy), and keyword options (`NetOptions`): e.g. `deeplab_largefov("train", crop_size=161,
 num_labels=5)`. By default the numeric settings that the original templates left to the run script
 are placeholders (`${NUM_LABELS}`, `${DENSECRF_LOSS_WEIGHT}`), as are names and paths (`${EXP}`,
@@ -21,10 +22,11 @@ from dataclasses import dataclass, fields, replace
 from typing import Callable, NamedTuple
 
 from rloss.errors import NetError
+from rloss.models.regularizers import REGULARIZED_KINDS, add_regularized_loss
 from rloss.netspec import NetBuilder, Var, constant, gaussian, lr_params
 
-KINDS = ("train", "trainwithdensecrfloss", "test")
-FILE_KINDS = KINDS  # the net file of each kind is `<kind>.prototxt`
+ORIGINAL_KINDS = ("train", "trainwithdensecrfloss", "test")  # the kinds the original experiments have
+KINDS = ("train", *REGULARIZED_KINDS, "test")  # the net file of each kind is `<kind>.prototxt`
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class _Net:
         if kind not in KINDS:
             raise NetError(f"unknown net kind {kind!r}; expected one of {', '.join(KINDS)}")
         self.test = kind == "test"
-        self.crf = kind == "trainwithdensecrfloss"
+        self.regularizer = REGULARIZED_KINDS.get(kind)
         self.options = _resolve(_options(options, title), defaults, self.test)
         self.builder = NetBuilder(self.options.net_name, header=_header(title, kind))
         _check_options(self.options, defaults.crop_multiple, title)
@@ -156,18 +158,20 @@ def _accuracy(net: _Net, scores: str, label: str, name: str = "accuracy", top: s
               seg_accuracy_param={"ignore_label": net.options.ignore_label, "reset": False if net.test else None})
 
 
-def _densecrf_loss(net: _Net, scores: str, interp_name: str, interp_top: str | None = None,
-                   with_loss_param: bool = True) -> None:
-    """The regularised loss: DenseCRFLoss(image, softmax(scores upsampled ×8)), gradient to the scores
-    only. All but DeepLab-LargeFOV also carry a loss_param the layer ignores."""
+def _regularized_loss(net: _Net, scores: str, interp_name: str, interp_top: str | None = None,
+                      with_loss_param: bool = True) -> None:
+    """The regularised loss of the net's kind on softmax(scores upsampled ×8), gradient to the scores
+    only. The DenseCRF loss of all but DeepLab-LargeFOV also carries a loss_param the layer ignores (as
+    in the originals)."""
+    regularizer = net.regularizer
     upsampled = net.builder.interp(interp_name, scores, top=interp_top, zoom_factor=8,
-                             comment="DenseCRF loss on the full-resolution softmax")
+                             comment=f"{regularizer.title} on the full-resolution softmax")
     probabilities = net.builder.softmax(f"{upsampled}_softmax", upsampled)
     o = net.options
-    net.builder.add("densecrf_loss", "DenseCRFLoss", ["data", probabilities], ["densecrf_loss"],
-              loss_weight=[o.densecrf_loss_weight], propagate_down=[False, True],
-              loss_param={"ignore_label": o.ignore_label} if with_loss_param else None,
-              densecrf_loss_param={"bi_xy_std": o.bi_xy_std, "bi_rgb_std": o.bi_rgb_std})
+    densecrf = regularizer.name == "densecrf"
+    weight = o.densecrf_loss_weight if densecrf else regularizer.weight
+    add_regularized_loss(net.builder, regularizer, probabilities, weight, o.bi_xy_std, o.bi_rgb_std,
+                         loss_param={"ignore_label": o.ignore_label} if with_loss_param and densecrf else None)
 
 
 # ---- VGG16 nets -------------------------------------------------------------------------------------
@@ -230,9 +234,9 @@ def deeplab_largefov(kind: str = "train", **options) -> NetBuilder:
         net.builder.add("silence", "Silence", ["label", full, "data_dim"], include=[{"phase": "TEST"}])
         return net.builder
     label = _label_shrink(net)
-    _loss(net, scores, label, named_top=net.crf)
-    if net.crf:
-        _densecrf_loss(net, scores, "fc8_interp", with_loss_param=False)
+    _loss(net, scores, label, named_top=net.regularizer is not None)
+    if net.regularizer:
+        _regularized_loss(net, scores, "fc8_interp", with_loss_param=False)
     _accuracy(net, scores, label)
     return net.builder
 
@@ -297,8 +301,8 @@ def deeplab_msc_largefov(kind: str = "train", **options) -> NetBuilder:
     fusion = net.builder.eltwise("fc_fusion", head_scores + [fc8], "SUM")
     label = _label_shrink(net)
     _loss(net, fusion, label)
-    if net.crf:
-        _densecrf_loss(net, fusion, "fc_fusion_interp")
+    if net.regularizer:
+        _regularized_loss(net, fusion, "fc_fusion_interp")
     _accuracy(net, fusion, label)
     return net.builder
 
@@ -321,8 +325,8 @@ def deeplab_vgg16(kind: str = "train", **options) -> NetBuilder:
         _accuracy(net, full, "label")
         return net.builder
     label = _label_shrink(net)
-    if net.crf:  # before the loss layer in the original
-        _densecrf_loss(net, scores, "fc8_interp")
+    if net.regularizer:  # before the loss layer in the original
+        _regularized_loss(net, scores, "fc8_interp")
     _loss(net, scores, label)
     _accuracy(net, scores, label)
     net.builder.add("silence", "Silence", ["data_dim"])
@@ -433,8 +437,8 @@ def resnet101_msc(kind: str = "train", **options) -> NetBuilder:
     label = _label_shrink(net)
     _loss(net, fusion, label)
     _accuracy(net, fusion, label)
-    if net.crf:  # the Interp layer is named fc1_interp, its top fc8_interp, in the original
-        _densecrf_loss(net, fusion, "fc1_interp", interp_top="fc8_interp")
+    if net.regularizer:  # the Interp layer is named fc1_interp, its top fc8_interp, in the original
+        _regularized_loss(net, fusion, "fc1_interp", interp_top="fc8_interp")
     for suffix, scores, shrunk in (("_res1", s1, label), ("_res075", s075_up, label)):
         _loss(net, scores, shrunk, name=f"loss{suffix}")
         _accuracy(net, scores, shrunk, name=f"accuracy{suffix}")

@@ -1,7 +1,8 @@
 """The solver files of the pascal_scribble experiments: SGD settings per net and training phase.
 
 Phase 1 ("train") trains on the partial cross-entropy from the initial model; phase 2
-("trainwithdensecrfloss") fine-tunes with the DenseCRF loss added. Each reads
+("trainwithdensecrfloss") fine-tunes with the DenseCRF loss added; the phase 2 of rloss's other
+regularizers (`rloss.models.regularizers`) takes the same settings. Each reads
 `${EXP}/config/${NET_ID}/<kind>_${TRAIN_SET}.prototxt` (the net file generated beside the solver) and
 snapshots every 1000 iterations to `${EXP}/model/${NET_ID}/<kind>`.
 """
@@ -11,10 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 from rloss.errors import SolverError
+from rloss.models.regularizers import REGULARIZERS
 from rloss.netspec import assign_fields, comment_lines, message_lines
 from rloss.proto import caffe_pb2
 
-SOLVER_FILES = {"train": "solver", "trainwithdensecrfloss": "solverwithdensecrfloss"}  # kind -> file stem
+# kind -> file stem; every regularizer's phase 2 uses the settings of the original DenseCRF phase 2.
+SOLVER_FILES = {"train": "solver", **{r.kind: r.solver_stem for r in REGULARIZERS.values()}}
+ORIGINAL_SOLVER_FILES = {kind: SOLVER_FILES[kind] for kind in ("train", "trainwithdensecrfloss")}
 
 _STEP = {"lr_policy": "step", "gamma": 0.1}
 _POLY = {"lr_policy": "poly", "power": 0.9}
@@ -54,7 +58,7 @@ def solver(net_id: str, kind: str = "train", **overrides: Any):
         raise SolverError(f"no solver for kind {kind!r}; kinds with a solver: {', '.join(SOLVER_FILES)}")
     fields: dict[str, Any] = {
         "train_net": f"${{EXP}}/config/${{NET_ID}}/{kind}_${{TRAIN_SET}}.prototxt",
-        **_SETTINGS[net_id][kind],
+        **_SETTINGS[net_id]["train" if kind == "train" else "trainwithdensecrfloss"],
         "momentum": 0.9,
         "weight_decay": 0.0005,
         "snapshot": 1000,
