@@ -131,18 +131,28 @@ def _collective(what: str, call, *args, **kwargs):
                                f"(transport: {_first_line(error)})") from None
 
 
-def average_gradients(tensors: Sequence[torch.Tensor]) -> None:
-    """Replace each tensor with its mean over the ranks: one flat all-reduce per dtype and device."""
-    size = dist.get_world_size()
+def _flat_groups(tensors: Sequence[torch.Tensor], what: str, collective) -> None:
+    """Apply `collective` (in place, on one flat tensor) per dtype and device of `tensors`, then copy
+    the results back: one call per group instead of one per tensor."""
     groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for tensor in tensors:
         groups.setdefault((tensor.dtype, tensor.device), []).append(tensor)
     for members in groups.values():
         flat = _flatten_dense_tensors(members)
-        _collective("averaging the gradients", dist.all_reduce, flat)
+        _collective(what, collective, flat)
+        for tensor, result in zip(members, _unflatten_dense_tensors(flat, members)):
+            tensor.copy_(result)
+
+
+def average_gradients(tensors: Sequence[torch.Tensor]) -> None:
+    """Replace each tensor with its mean over the ranks: one flat all-reduce per dtype and device."""
+    size = dist.get_world_size()
+
+    def mean(flat: torch.Tensor) -> None:
+        dist.all_reduce(flat)
         flat.div_(size)
-        for tensor, averaged in zip(members, _unflatten_dense_tensors(flat, members)):
-            tensor.copy_(averaged)
+
+    _flat_groups(tensors, "averaging the gradients", mean)
 
 
 def sum_values(values: Sequence[float], device: torch.device, what: str) -> list[float]:
@@ -153,9 +163,8 @@ def sum_values(values: Sequence[float], device: torch.device, what: str) -> list
 
 
 def broadcast_tensors(tensors: Sequence[torch.Tensor], what: str) -> None:
-    """Rank 0's values of `tensors` on every rank."""
-    for tensor in tensors:
-        _collective(what, dist.broadcast, tensor, 0)
+    """Rank 0's values of `tensors` on every rank: one flat broadcast per dtype and device."""
+    _flat_groups(tensors, what, lambda flat: dist.broadcast(flat, 0))
 
 
 def broadcast_seed(seed: int, device: torch.device) -> int:

@@ -48,6 +48,12 @@ class LayerError(NetError):
         super().__init__(f"layer '{layer_name}' (type {layer_type}): {message}")
         self.layer_name = layer_name
         self.layer_type = layer_type
+        self.message = message
+
+    def __reduce__(self):
+        """Pickled with its three parts (a rank's error crosses processes; Exception's default would
+        call LayerError with the one formatted message)."""
+        return type(self), (self.layer_name, self.layer_type, self.message)
 
 
 class WeightsError(RlossError):

@@ -29,6 +29,7 @@ from typing import Sequence
 
 from PIL import Image
 
+from rloss.data.listfile import read_list
 from rloss.errors import DataError
 
 WEIGHT_ANCHOR = 2e-6 * 97 * 97 * 30 * 30
@@ -77,20 +78,14 @@ def nearest_preset(short_side: float) -> Preset:
 def training_short_sides(data_root: Path) -> list[int]:
     """The short sides of the images in DATA_ROOT/list/train.txt (ImageSegData's format)."""
     listing = data_root / "list" / "train.txt"
-    try:
-        lines = [line.split() for line in listing.read_text().splitlines() if line.strip()]
-    except OSError as error:
-        raise DataError(f"cannot read the training list '{listing}': {error.strerror or error}") from None
     sides = []
-    for number, tokens in enumerate(lines, 1):
-        path = data_root / tokens[0].lstrip("/")
+    for entry in read_list(str(listing), need_label=False, who="the image-size preset"):
+        path = data_root / entry.image.lstrip("/")
         try:
             with Image.open(path) as image:
                 sides.append(min(image.size))
         except OSError as error:
-            raise DataError(f"line {number} of '{listing}': cannot read the image '{path}': {error}") from None
-    if not sides:
-        raise DataError(f"the training list '{listing}' names no image")
+            raise DataError(f"{entry.where(str(listing))}: cannot read the image '{path}': {error}") from None
     return sides
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import signal
-import time
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from google.protobuf import text_format
 
-from rloss.caffe_log import caffe_float, format_duration, loss_suffix
+from rloss.caffe_log import caffe_float, loss_suffix
 from rloss.data_parallel import Ranked, generators_now, restore_generators
 from rloss.device import seed_everything, solver_device
 from rloss.distributed import joined_ranks
@@ -36,6 +35,7 @@ from rloss.memory import check_training_memory
 from rloss.net import Net
 from rloss.paths import resolve_input
 from rloss.precision import LossScaler, check_precision
+from rloss.progress import Progress
 from rloss.proto import caffe_pb2
 from rloss.proto.blob import array_to_blob, blob_shape, blob_to_array
 from rloss.scoring import output_values, score
@@ -153,7 +153,7 @@ class SGDSolver:
         # the ring of recent losses lives on the solver: Solve's final display pass adds to it
         self._start_iter, self._losses = start_iter, []
         smoothed = f32(0)
-        clock = _Progress(self.iter, p.max_iter)
+        clock = Progress(p.max_iter, "iterations", done=self.iter)
         self.ranked.share_root_values([*self.net.parameters(), *self.history])
         while self.iter < stop_iter:
             for entry in self.net.learnable:
@@ -180,8 +180,9 @@ class SGDSolver:
             self.scaler.update(self._gradients_finite)
             self._check_weights_finite("the update of iteration", self.iter)
             self.iter += 1
+            clock.advance()
             if display:
-                clock.report(self.iter)
+                log.info("    Progress: %s", clock.status())
             action = self.ranked.agreed_action(self._requested_action())
             if (p.snapshot > 0 and self.iter % p.snapshot == 0) or action == "snapshot":
                 self.snapshot()
@@ -433,21 +434,6 @@ def _smooth(losses: list, smoothed: np.float32, loss: np.float32, offset: int, a
     smoothed = f32(smoothed + (loss - losses[index]) / f32(average))
     losses[index] = loss
     return smoothed
-
-
-class _Progress:
-    """The extra display line: iterations done, seconds per iteration, estimated time left."""
-
-    def __init__(self, start_iter: int, max_iter: int):
-        self.max_iter = max_iter
-        self.last_iter, self.last_time = start_iter, time.perf_counter()
-
-    def report(self, done: int) -> None:
-        now = time.perf_counter()
-        per_iter = (now - self.last_time) / max(1, done - self.last_iter)
-        self.last_iter, self.last_time = done, now
-        left = format_duration(per_iter * max(0, self.max_iter - done))
-        log.info("    Progress: %d/%d iterations, %.3g s/iter, about %s left", done, self.max_iter, per_iter, left)
 
 
 class _SignalRequests:

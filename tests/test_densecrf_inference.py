@@ -1,4 +1,4 @@
-"""DenseCRF mean-field inference layer (spec 2.16) against brute-force numpy mean field.
+"""DenseCRF mean-field inference layer against brute-force numpy mean field.
 
 The brute force uses dense kernel matrices: first the lattice's own (column q = the lattice's response
 to the unit vector at q, so the mean-field algebra is checked exactly), then an exact Gaussian (so the

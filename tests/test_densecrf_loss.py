@@ -1,4 +1,4 @@
-"""DenseCRFLoss: the Caffe layer and the PyTorch module (spec 2.15, 7.1, 7.2).
+"""DenseCRFLoss: the Caffe layer and the PyTorch module.
 
 References: the real fork's outputs (golden files), the loss and the fork's gradient rule recomputed
 with an independently built lattice (`Permutohedral` on features made here), finite differences of the
@@ -109,7 +109,7 @@ def test_backward_rule_is_the_exact_gradient_for_a_symmetric_operator() -> None:
 
 
 def test_rule_differs_from_true_derivative_only_by_lattice_asymmetry() -> None:
-    """-2 A(mS) vs the exact derivative -(A + A^T)(mS) of the forward: close, not equal (spec 2.15)."""
+    """-2 A(mS) vs the exact derivative -(A + A^T)(mS) of the forward: close, not equal (as in the fork)."""
     image, seg = synthetic_image(1, 10, 12), synthetic_segmentation(1, 2, 10, 12)
     _, grad = layer_loss_and_grad(make_layer([image.shape, seg.shape]), image, seg)
     a = lattice_matrix(image[0], 5.0, 20.0)

@@ -294,3 +294,42 @@ def test_hdf5_ranks_read_every_nth_batch_of_one_process(tmp_path, monkeypatch):
     with pytest.raises(DistributedError, match=r"the 7 rows of the files in 'list.txt' makes 4 batches per "
                                                r"pass, fewer than the 5 ranks"):
         layer().shard(0, 5)
+
+
+def _collectives_rank(rank: int, port: int, results) -> None:
+    """One of 2 gloo ranks: rank-dependent tensors of two dtypes through broadcast_tensors and
+    average_gradients (the flat grouping must give every tensor its own values back)."""
+    import torch.distributed as dist
+
+    from rloss import distributed
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        shared = [torch.full((2, 3), 10.0 * rank + 1), torch.arange(4, dtype=torch.float64) + rank, torch.tensor(rank)]
+        distributed.broadcast_tensors(shared, "test")
+        grads = [torch.full((3,), float(rank)), torch.full((2, 2), 2.0 * rank, dtype=torch.float64)]
+        distributed.average_gradients(grads)
+        results.put((rank, [t.tolist() for t in shared], [t.tolist() for t in grads]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_flat_collectives_give_each_tensor_its_own_result() -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    workers = [context.Process(target=_collectives_rank, args=(rank, port, results)) for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    outcomes = dict((rank, (shared, grads)) for rank, shared, grads in (results.get(timeout=60) for _ in workers))
+    for worker in workers:
+        worker.join(timeout=30)
+    for shared, grads in outcomes.values():
+        assert shared == [[[1.0] * 3] * 2, [0.0, 1.0, 2.0, 3.0], 0]  # rank 0's values
+        assert grads == [[0.5] * 3, [[1.0, 1.0], [1.0, 1.0]]]  # the means of ranks 0 and 1

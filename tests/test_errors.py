@@ -13,7 +13,7 @@ from google.protobuf import text_format
 from PIL import Image
 
 from rloss import io as rio
-from rloss.errors import MAX_MESSAGE_CHARS, LayerError, NetError, ProtoError, RlossError, WeightsError
+from rloss.errors import MAX_MESSAGE_CHARS, DataError, LayerError, NetError, ProtoError, RlossError, WeightsError
 from rloss.layers import image_data, layer_class
 from rloss.net import Net
 from rloss.proto import blob as blob_module
@@ -133,6 +133,20 @@ def test_image_seg_data_sizes_are_refused_at_construction(seg_list, monkeypatch,
         layer_class("ImageSegData")(param, [], caffe_pb2.TEST)
     message = str(caught.value)
     assert "layer 'data' (type ImageSegData)" in message and shape in message and INT_MAX in message
+
+
+def test_a_scale_factor_too_large_for_memory_is_refused_naming_the_image(seg_list):
+    """The size depends on each image, so the check runs when an image is rescaled (in the loader)."""
+    text = (f'name: "data" type: "ImageSegData" top: "data" top: "label" image_data_param {{ source: "{seg_list}" '
+            'label_type: PIXEL batch_size: 1 } transform_param { crop_size: 4 scale_factors: 1000000 }')
+    param = text_format.Parse(text, caffe_pb2.LayerParameter())
+    layer = layer_class("ImageSegData")(param, [], caffe_pb2.TRAIN)
+    try:
+        with pytest.raises(DataError, match=r"layer 'data' \(type ImageSegData\): line 1 of the list .*scale "
+                           r"factor 1000000.0 makes the 4x5 image 4000000x5000000: .*limit is"):
+            layer()
+    finally:
+        layer.close()
 
 
 # ---- 5, 6: blob shapes in binary files ----------------------------------------------------------
@@ -271,3 +285,13 @@ def test_solver_state_with_a_name_that_is_not_utf8(tmp_path):
     path.write_bytes(caffe_pb2.SolverState(iter=1, learned_net="abc").SerializeToString().replace(b"abc", b"a\x80c"))
     with pytest.raises(WeightsError, match=rf"{path}: the text field caffe.SolverState.learned_net is not UTF-8"):
         rio.read_solver_state(path)
+
+
+def test_a_layer_error_survives_pickling_whole() -> None:
+    """A rank's error reaches the others through pickling (multiprocessing, torch elastic)."""
+    import pickle
+
+    error = LayerError("conv1", "Convolution", "kernel_size must be > 0")
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is LayerError and str(copy) == str(error)
+    assert (copy.layer_name, copy.layer_type, copy.message) == ("conv1", "Convolution", "kernel_size must be > 0")

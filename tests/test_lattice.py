@@ -38,7 +38,7 @@ def _train_image_bgr(h: int, w: int, top: int = 0, left: int = 0) -> np.ndarray:
 
 
 def _features(img: np.ndarray, sigma_xy: float, sigma_rgb: float) -> np.ndarray:
-    """(N, 2 + C) features of spec 2.15 step 2, computed with float32 divisions like the C++ side."""
+    """(N, 2 + C) DenseCRF features (x, y)/sigma_xy and channels/sigma_rgb, in float32 divisions like the C++ side."""
     c, h, w = img.shape
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     cols = [x / np.float32(sigma_xy), y / np.float32(sigma_xy)]
@@ -47,8 +47,8 @@ def _features(img: np.ndarray, sigma_xy: float, sigma_rgb: float) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------
-# A direct numpy transcription of spec 7.3 (float32 arithmetic in the same order): the reference the
-# C++ code must reproduce bit for bit.
+# A direct numpy transcription of the original permutohedral lattice (float32 arithmetic in the same
+# order): the reference the C++ code must reproduce bit for bit.
 
 
 def _reference_filter(f: np.ndarray, v: np.ndarray, sse_pad: bool = True) -> np.ndarray:
@@ -145,7 +145,7 @@ def test_matches_numpy_transcription_of_spec_bit_exact(n: int, d: int, spread: f
     np.testing.assert_array_equal(got, ref)
 
 
-def test_lattice_order_and_weights_match_spec() -> None:
+def test_lattice_order_and_weights_match_the_original() -> None:
     rng = np.random.RandomState(3)
     f = (rng.randn(64, 5) * 2).astype(np.float32)
     lattice = ext.Lattice(f)
@@ -279,7 +279,7 @@ def test_brute_force_against_exact_gaussian() -> None:
             err = float(np.linalg.norm(got - s * exact) / np.linalg.norm(got))
             lines.append(f"{name:10s} sxy {sxy:4.0f} srgb {srgb:4.0f}: scale {s:.3f}, rel L2 err after fit {err:.3f}")
     print("\n" + "\n".join(lines))
-    # The lattice is an approximation (spec 7.3: c ~ 0.6, position-dependent): within 10% after a scalar
+    # The lattice is an approximation (its constant c ~ 0.6 depends on the position): within 10% after a scalar
     # fit on real image crops and smooth images; sharp edges and pixel noise at small sigmas are worse.
     hard = ("two-region", "noise")
     for line in lines:

@@ -53,7 +53,7 @@ def assert_layer_error(text: str, *shapes: tuple[int, ...], match: str) -> None:
     assert f"layer '{param.name}' (type {param.type})" in str(info.value)
 
 
-# ---- numpy references written from the spec ----------------------------------------------------
+# ---- numpy references written from Caffe's formulas ----------------------------------------------------
 
 
 def ref_conv(x, w, b, stride, pad, dilation, group):
@@ -97,7 +97,7 @@ def ref_deconv(x, w, b, stride, pad, dilation, group):
     return y + (b[None, :, None, None] if b is not None else 0)
 
 
-def spec_pool_size(size: int, kernel: int, stride: int, pad: int) -> int:
+def caffe_pool_size(size: int, kernel: int, stride: int, pad: int) -> int:
     """Spec 2.2: float ceil, then the clip only when pad > 0."""
     out = int(math.ceil(float(size + 2 * pad - kernel) / stride)) + 1
     if pad > 0 and (out - 1) * stride >= size + pad:
@@ -108,7 +108,7 @@ def spec_pool_size(size: int, kernel: int, stride: int, pad: int) -> int:
 def ref_pool(x, method, kernel, stride, pad):
     """Caffe's pooling loops: returns (top, argmax mask, function computing the bottom diff)."""
     n, c, h, w = x.shape
-    oh, ow = (spec_pool_size(s, k, st, p) for s, k, st, p in zip((h, w), kernel, stride, pad))
+    oh, ow = (caffe_pool_size(s, k, st, p) for s, k, st, p in zip((h, w), kernel, stride, pad))
     y = np.zeros((n, c, oh, ow))
     mask = -np.ones((n, c, oh, ow), dtype=np.int64)
     windows = []
@@ -397,13 +397,13 @@ def pool_text(body: str, tops: int = 1) -> str:
 @pytest.mark.parametrize(
     "kernel,stride,pad", [(3, 1, 0), (3, 1, 1), (3, 2, 0), (3, 2, 1), (2, 2, 0), (2, 2, 1)]
 )
-def test_pooling_output_size_follows_spec(size, kernel, stride, pad):
+def test_pooling_output_size_follows_caffe(size, kernel, stride, pad):
     layer = make(pool_text(f"kernel_size: {kernel} stride: {stride} pad: {pad}"), (1, 1, size, size + 1))
     expected = (
         1,
         1,
-        spec_pool_size(size, kernel, stride, pad),
-        spec_pool_size(size + 1, kernel, stride, pad),
+        caffe_pool_size(size, kernel, stride, pad),
+        caffe_pool_size(size + 1, kernel, stride, pad),
     )
     assert layer.top_shapes == [expected]
     assert tuple(layer(torch.zeros(1, 1, size, size + 1))[0].shape) == expected
@@ -544,7 +544,7 @@ def interp_text(body: str) -> str:
         ("shrink_factor: 8", 37, 5),
     ],
 )
-def test_interp_sizes_of_the_spec(body, size, out):
+def test_interp_sizes_as_in_the_fork(body, size, out):
     assert make(interp_text(body), (1, 1, size, size)).top_shapes == [(1, 1, out, out)]
 
 

@@ -45,5 +45,5 @@ def test_presets_print_shell_assignments_and_refuse_bad_input(tmp_path, capsys):
     assert "DENSECRF_SCALE=0.5" in lines and "BI_XY_STD=15.6" in lines
     assert main([str(tmp_path), "100"]) == 1
     assert "PRESET=100: expected auto or one of 40, 80, 256, 513" in capsys.readouterr().err
-    with pytest.raises(DataError, match="cannot read the training list"):
+    with pytest.raises(DataError, match=r"the image-size preset: cannot read the list file .*absent/list/train.txt"):
         choose(tmp_path / "absent", "auto")

@@ -24,6 +24,7 @@ import numpy as np
 
 from rloss.data.resize import resize_linear, resize_nearest
 from rloss.errors import DataError
+from rloss.proto.blob import shape_problem
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,11 @@ def _rescale(image: np.ndarray, label: np.ndarray, config: TransformConfig,
     height, width = scaled_size(image.shape[0], image.shape[1], factor)
     if height < 1 or width < 1:
         raise DataError(f"scale factor {factor} makes the {image.shape[0]}x{image.shape[1]} image empty")
+    # The bilinear resize holds a few int32 and float copies of the scaled image: refuse what cannot fit.
+    problem = shape_problem((height, width, image.shape[2] if image.ndim == 3 else 1), itemsize=16)
+    if problem:
+        raise DataError(f"scale factor {factor} makes the {image.shape[0]}x{image.shape[1]} image "
+                        f"{height}x{width}: {problem}")
     return resize_linear(image, height, width), resize_nearest(label, height, width)
 
 

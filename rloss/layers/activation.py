@@ -7,7 +7,7 @@ import torch
 
 from rloss.layers.base import Layer, Shape
 from rloss.layers.registry import register_layer
-from rloss.layers.structure import canonical_axis, fresh_view
+from rloss.layers.structure import fresh_view
 from rloss.proto import caffe_pb2
 
 
@@ -81,7 +81,7 @@ class Softmax(Layer):
     runs_in_float32 = True
 
     def setup(self, bottom_shapes: list[Shape]) -> None:
-        self.axis = canonical_axis(self, self.param.softmax_param.axis, bottom_shapes[0])
+        self.axis = self.canonical_axis(self.param.softmax_param.axis, bottom_shapes[0])
 
     def reshape(self, bottom_shapes: list[Shape]) -> list[Shape]:
         return [bottom_shapes[0]]
@@ -182,7 +182,7 @@ _UNIT_FILLER = caffe_pb2.FillerParameter(type="constant", value=1.0)
 
 def _learned_operand_shape(layer: Layer, bottom: Shape, axis: int, num_axes: int) -> Shape:
     """Shape of a learned scale/bias blob: bottom.shape[axis : axis + num_axes] (-1 = to the end)."""
-    start = canonical_axis(layer, axis, bottom)
+    start = layer.canonical_axis(axis, bottom)
     if num_axes < -1:
         raise layer.error(f"num_axes must be >= 0, or -1 for all, got {num_axes}")
     end = len(bottom) if num_axes == -1 else start + num_axes
@@ -193,7 +193,7 @@ def _learned_operand_shape(layer: Layer, bottom: Shape, axis: int, num_axes: int
 
 def _operand_axis(layer: Layer, bottom: Shape, axis: int, operand: Shape, what: str) -> int:
     """First bottom axis an operand of shape `operand` covers (0 for a scalar); checks the dims."""
-    start = 0 if len(operand) == 0 else canonical_axis(layer, axis, bottom)
+    start = 0 if len(operand) == 0 else layer.canonical_axis(axis, bottom)
     if bottom[start : start + len(operand)] != tuple(operand):
         raise layer.error(
             f"{what} of shape {tuple(operand)} does not match bottom shape {bottom} from axis {start}"

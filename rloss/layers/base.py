@@ -105,6 +105,13 @@ class Layer(nn.Module):
         self.blobs.append(blob)
         return blob
 
+    def canonical_axis(self, axis: int, shape: Shape, what: str = "axis") -> int:
+        """Caffe's CanonicalAxisIndex: a negative axis counts from the end; out of range is an error."""
+        ndim = len(shape)
+        if not -ndim <= axis < ndim:
+            raise self.error(f"{what} {axis} is out of range for a bottom of shape {tuple(shape)}")
+        return axis + ndim if axis < 0 else axis
+
     def positive(self, name: str, value: float) -> float:
         """`value` of the parameter `name`, which must be a finite number > 0 (sigmas, scales)."""
         if not (math.isfinite(value) and value > 0):

@@ -22,12 +22,6 @@ LOG_FLT_MIN = math.log(float(np.finfo(np.float32).tiny))
 _MODE = caffe_pb2.LossParameter
 
 
-def _canonical_axis(layer: Layer, axis: int, num_axes: int) -> int:
-    if not -num_axes <= axis < num_axes:
-        raise layer.error(f"axis {axis} is out of range for a bottom with {num_axes} axes")
-    return axis % num_axes
-
-
 def _label_layout(layer: Layer, bottom_shapes: list[Shape], axis: int) -> tuple[int, int, int]:
     """(outer, classes, inner) of the scores around the class axis, after checking that the label
     bottom holds one label per prediction (outer * inner of them)."""
@@ -87,7 +81,7 @@ class SoftmaxWithLoss(Layer):
         loss_param = self.param.loss_param
         self.ignore_label = _optional_ignore_label(loss_param)
         self.normalization = _normalization_mode(loss_param)
-        self.axis = _canonical_axis(self, self.param.softmax_param.axis, len(bottom_shapes[0]))
+        self.axis = self.canonical_axis(self.param.softmax_param.axis, bottom_shapes[0])
 
     def reshape(self, bottom_shapes: list[Shape]) -> list[Shape]:
         _label_layout(self, bottom_shapes, self.axis)
@@ -132,7 +126,7 @@ class Accuracy(Layer):
         accuracy_param = self.param.accuracy_param
         self.top_k = int(accuracy_param.top_k)
         self.ignore_label = _optional_ignore_label(accuracy_param)
-        self.axis = _canonical_axis(self, accuracy_param.axis, len(bottom_shapes[0]))
+        self.axis = self.canonical_axis(accuracy_param.axis, bottom_shapes[0])
 
     def reshape(self, bottom_shapes: list[Shape]) -> list[Shape]:
         _, classes, _ = _label_layout(self, bottom_shapes, self.axis)

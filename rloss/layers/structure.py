@@ -20,14 +20,6 @@ _OP = caffe_pb2.EltwiseParameter
 
 
 # ---- helpers shared with other layer families ----------------------------------------------------
-def canonical_axis(layer: Layer, axis: int, shape: Shape, what: str = "axis") -> int:
-    """Caffe's CanonicalAxisIndex: a negative axis counts from the end; out of range is an error."""
-    ndim = len(shape)
-    if not -ndim <= axis < ndim:
-        raise layer.error(f"{what} {axis} is out of range for a bottom of shape {shape}")
-    return axis + ndim if axis < 0 else axis
-
-
 def legacy_axis(layer: Layer, param, axis_field: str, legacy_field: str, shape: Shape) -> int:
     """The axis of Concat/Slice: the legacy unsigned field (no negative indexing) or `axis`, not both."""
     if param.HasField(axis_field) and param.HasField(legacy_field):
@@ -37,7 +29,7 @@ def legacy_axis(layer: Layer, param, axis_field: str, legacy_field: str, shape: 
         if legacy >= len(shape):
             raise layer.error(f"{legacy_field} {legacy} is out of range for a bottom of shape {shape}")
         return legacy
-    return canonical_axis(layer, getattr(param, axis_field), shape)
+    return layer.canonical_axis(getattr(param, axis_field), shape)
 
 
 def reject_in_place(layer: Layer) -> None:
@@ -229,8 +221,8 @@ class Flatten(Layer):
     def setup(self, bottom_shapes: list[Shape]) -> None:
         reject_in_place(self)
         param, shape = self.param.flatten_param, bottom_shapes[0]
-        self.start = canonical_axis(self, param.axis, shape)
-        self.end = canonical_axis(self, param.end_axis, shape, "end_axis")
+        self.start = self.canonical_axis(param.axis, shape)
+        self.end = self.canonical_axis(param.end_axis, shape, "end_axis")
         if self.end < self.start:
             raise self.error(f"end_axis {param.end_axis} comes before axis {param.axis} for bottom {shape}")
 
@@ -336,7 +328,7 @@ class ArgMax(Layer):
             raise self.error("needs a bottom with at least one axis, got a scalar")
         self.top_k = int(param.top_k)
         self.out_max_val = param.out_max_val
-        self.axis = canonical_axis(self, param.axis, shape) if param.HasField("axis") else None
+        self.axis = self.canonical_axis(param.axis, shape) if param.HasField("axis") else None
         length = shape[self.axis] if self.axis is not None else math.prod(shape[1:])
         if not 1 <= self.top_k <= length:
             raise self.error(f"top_k {self.top_k} must be in 1..{length} for bottom shape {shape}")

@@ -33,13 +33,6 @@ def _filler(message, name: str):
     return getattr(message, name) if message.HasField(name) else None
 
 
-def _canonical_axis(layer: Layer, axis: int, num_axes: int) -> int:
-    """Caffe's CanonicalAxisIndex: negative axes count from the end."""
-    if not -num_axes <= axis < num_axes:
-        raise layer.error(f"axis {axis} is out of range for a blob with {num_axes} axes")
-    return axis + num_axes if axis < 0 else axis
-
-
 # ---- Convolution and Deconvolution ----------------------------------------------------------
 
 
@@ -56,7 +49,7 @@ class _ConvolutionBase(Layer):
                 f"needs one top per bottom, got {len(bottom_shapes)} bottoms and {len(self.param.top)} tops"
             )
         self._check_bottom(bottom_shapes[0], 0)
-        if _canonical_axis(self, cp.axis, 4) != 1:
+        if self.canonical_axis(cp.axis, bottom_shapes[0]) != 1:
             raise self.error(f"only axis 1 (channels of a 4-D blob) is supported, got axis {cp.axis}")
         self.kernel = conv_pair(self, cp, "kernel_size", None)
         self.stride = conv_pair(self, cp, "stride", 1)
@@ -166,7 +159,7 @@ class InnerProduct(Layer):
     def setup(self, bottom_shapes: list[Shape]) -> None:
         ip = self.param.inner_product_param
         shape = bottom_shapes[0]
-        self.axis = _canonical_axis(self, ip.axis, len(shape))
+        self.axis = self.canonical_axis(ip.axis, shape)
         self.num_output = int(ip.num_output)
         if self.num_output <= 0:
             raise self.error(f"num_output must be > 0, got {self.num_output}")
@@ -180,7 +173,7 @@ class InnerProduct(Layer):
 
     def reshape(self, bottom_shapes: list[Shape]) -> list[Shape]:
         shape = bottom_shapes[0]
-        axis = _canonical_axis(self, self.param.inner_product_param.axis, len(shape))
+        axis = self.canonical_axis(self.param.inner_product_param.axis, shape)
         if math.prod(shape[axis:]) != self.inputs:
             raise self.error(
                 f"bottom shape {shape} gives {math.prod(shape[axis:])} inputs from axis {axis}, "
@@ -442,7 +435,7 @@ class Crop(Layer):
 
     def setup(self, bottom_shapes: list[Shape]) -> None:
         cp = self.param.crop_param
-        self.start = _canonical_axis(self, cp.axis, len(bottom_shapes[0]))
+        self.start = self.canonical_axis(cp.axis, bottom_shapes[0])
         cropped_axes = len(bottom_shapes[0]) - self.start
         offsets = [int(o) for o in cp.offset]
         if len(offsets) > 1 and len(offsets) != cropped_axes:
