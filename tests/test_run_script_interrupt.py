@@ -27,11 +27,17 @@ def script_env(root: Path, **settings: str) -> dict:
             "CROP_SIZE": "33", **settings}
 
 
+def _default_sigint() -> None:
+    """SIGINT's default action in the script, as a terminal gives it: a shell started in the background of
+    a non-interactive one inherits SIGINT ignored, and a signal ignored at entry cannot be trapped."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt(env: dict, log: Path, started: re.Pattern) -> tuple[subprocess.CompletedProcess, str]:
     """Start the script in its own process group, wait until `log` matches `started`, send SIGINT to
     the group; the script's result and the log as it was when the signal went out."""
     process = subprocess.Popen(["sh", str(SCRIPT)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+                               text=True, start_new_session=True, preexec_fn=_default_sigint)
     try:
         deadline = time.monotonic() + 60
         while not (log.is_file() and started.search(log.read_text())):
