@@ -118,6 +118,13 @@ def test_committed_small_fcn_files_are_what_the_generator_derives() -> None:
         assert built.blob_shapes[regularizer.layer_name] == (1, 1, 1, 1)
 
 
+def test_write_exper_into_an_empty_folder_writes_the_deeplab_tree_only(tmp_path: Path, capsys) -> None:
+    assert main([str(tmp_path)]) == 0
+    assert "the small net's phase-2 files are left out" in capsys.readouterr().err
+    assert main([str(tmp_path), "--check"]) == 0
+    assert not (tmp_path / SMALL_FCN_DIR).exists()
+
+
 def test_write_exper_command_writes_and_checks(tmp_path: Path) -> None:
     (tmp_path / SMALL_FCN_DIR).mkdir(parents=True)
     for stem in ("trainwithdensecrfloss", "solverwithdensecrfloss"):

@@ -15,6 +15,12 @@ SMALL_FCN_DIR = Path("prototxt", "small_fcn")
 _DENSECRF_LAYER = re.compile(r'^layer \{\n  name: "densecrf_loss".*?^\}\n', re.MULTILINE | re.DOTALL)
 
 
+def has_small_fcn(root: Path) -> bool:
+    """Whether root holds the small net's DenseCRF files (a source checkout does; an empty folder does not)."""
+    return all((root / SMALL_FCN_DIR / f"{stem}.prototxt").is_file()
+               for stem in ("trainwithdensecrfloss", "solverwithdensecrfloss"))
+
+
 def small_fcn_files(root: Path) -> dict[Path, str]:
     """Path (relative to root) -> text of each derived file, read from the DenseCRF files under root."""
     net_text = (root / SMALL_FCN_DIR / "trainwithdensecrfloss.prototxt").read_text(encoding="utf-8")

@@ -5,8 +5,9 @@
 ROOT (default: the current directory) receives `exper/pascal_scribble/config/<net>/` with, per net,
 solver.prototxt, solverwithdensecrfloss.prototxt, train.prototxt, trainwithdensecrfloss.prototxt and
 test.prototxt, keeping the `${VAR}` placeholders of the original templates (and the phase-2 files of
-the other regularizers), and the small demo net's phase-2 files for those regularizers, derived from
-ROOT/prototxt/small_fcn/trainwithdensecrfloss.prototxt. With --check nothing is
+the other regularizers), and, where ROOT holds the small demo net's DenseCRF files (a source checkout),
+its phase-2 files for those regularizers, derived from ROOT/prototxt/small_fcn/trainwithdensecrfloss.prototxt
+and solverwithdensecrfloss.prototxt. With --check nothing is
 written: the exit status is 1 when a file is missing or differs from what would be written.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from rloss.models.deeplab import KINDS, NETWORKS
-from rloss.models.small_fcn import SMALL_FCN_DIR, small_fcn_files
+from rloss.models.small_fcn import SMALL_FCN_DIR, has_small_fcn, small_fcn_files
 from rloss.models.solvers import SOLVER_FILES, solver_text
 
 CONFIG_DIR = Path("exper", "pascal_scribble", "config")
@@ -53,14 +54,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("root", nargs="?", default=".", type=Path, help="directory that receives exper/ (default: .)")
     parser.add_argument("--check", action="store_true", help="only report files that are missing or out of date")
     args = parser.parse_args(argv)
-    files = {**exper_files(), **small_fcn_files(args.root)}
+    files = exper_files()
+    if has_small_fcn(args.root):
+        files.update(small_fcn_files(args.root))
+    else:
+        print(f"no {args.root / SMALL_FCN_DIR}/trainwithdensecrfloss.prototxt and solverwithdensecrfloss.prototxt: "
+              "the small net's phase-2 files are left out", file=sys.stderr)
     if args.check:
         stale = stale_files(args.root, files)
         for path in stale:
             print(f"out of date: {args.root / path}", file=sys.stderr)
         return 1 if stale else 0
     write_tree(args.root, files)
-    print(f"wrote {len(files)} files under {args.root / CONFIG_DIR} and {args.root / SMALL_FCN_DIR}")
+    print(f"wrote {len(files)} files under {args.root}")
     return 0
 
 
