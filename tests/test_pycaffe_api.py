@@ -147,8 +147,10 @@ def test_parameters_moved_by_caffes_first_update(workspace: Path) -> None:
     # iteration 0: history is zero, so h = lr * lr_mult * (g + decay * decay_mult * w)
     step_w = BASE_LR * SCORE_LR_MULT[0] * (grad_w + WEIGHT_DECAY * SCORE_DECAY_MULT[0] * r["w_before"])
     step_b = BASE_LR * SCORE_LR_MULT[1] * grad_b
-    np.testing.assert_allclose(r["w_after"], r["w_before"] - step_w, rtol=1e-5, atol=1e-8)
-    np.testing.assert_allclose(r["b_after"], r["b_before"] - step_b, rtol=1e-5, atol=1e-8)
+    # The gradient is a float32 sum over N*H*W products: its rounding (a few 1e-7 of the sum, which depends
+    # on torch's convolution kernels) times the lr moves a weight by a few float32 ulps of the weights (~1e-8).
+    np.testing.assert_allclose(r["w_after"], r["w_before"] - step_w, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(r["b_after"], r["b_before"] - step_b, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(r["w_step"], step_w, rtol=1e-4, atol=1e-9)  # the diff holds the step taken
     assert np.abs(step_w).max() > 1e-6
 
