@@ -34,8 +34,8 @@ class RegularizedLossLayer(Layer):
     def setup(self, bottom_shapes: list[Shape]) -> None:
         down = list(self.param.propagate_down)
         if down and down[0]:
-            rule = ", ".join(["false", "true"] + ["false"] * (len(bottom_shapes) - 2))
-            raise self.error(f"back-propagating into the image is not supported; set propagate_down: {rule}")
+            raise self.error("back-propagating into the image is not supported; set propagate_down: "
+                             f"{self.propagate_down_rule(len(bottom_shapes))}")
         if not self.param.loss_weight:
             log.warning(
                 "layer '%s' (type %s) has no loss_weight: it contributes nothing to the objective and gets no "
@@ -43,6 +43,11 @@ class RegularizedLossLayer(Layer):
                 self.name, self.type_name,
             )
         self.setup_loss(bottom_shapes)
+
+    @staticmethod
+    def propagate_down_rule(bottom_count: int) -> str:
+        """The propagate_down values these layers accept: a gradient into the segmentation only."""
+        return ", ".join(["false", "true"] + ["false"] * (bottom_count - 2))
 
     def setup_loss(self, bottom_shapes: list[Shape]) -> None:
         """Read and check the layer's own parameters."""

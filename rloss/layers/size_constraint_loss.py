@@ -31,9 +31,8 @@ class SizeConstraintLoss(RegularizedLossLayer):
     def setup_loss(self, bottom_shapes: list[Shape]) -> None:
         down = list(self.param.propagate_down)
         if any(down[2:]):
-            rule = ", ".join(["false", "true"] + ["false"] * (len(bottom_shapes) - 2))
-            raise self.error(f"back-propagating into the label or the bounds is not supported; set propagate_down: "
-                             f"{rule}")
+            raise self.error("back-propagating into the label or the bounds is not supported; set propagate_down: "
+                             f"{self.propagate_down_rule(len(bottom_shapes))}")
         param = self.param.size_constraint_loss_param
         self.normalize = bool(param.normalize)
         self.ignore_label = int(param.ignore_label)
