@@ -41,7 +41,7 @@ def make_solver(data_root: Path, batch: int):
     convolutions expect an init model), nothing written."""
     from rloss.proto import caffe_pb2
     from rloss.proto.text import read_net, read_solver
-    from rloss.solver import SGDSolver
+    from rloss.solver import Solver
 
     values = {"NUM_LABELS": "21", "DENSECRF_LOSS_WEIGHT": "2e-9", "DATA_ROOT": f"{data_root}/",
               "EXP": "pascal_scribble", "TRAIN_SET": "train", "NET_ID": "deeplab_msc_largeFOV"}
@@ -54,7 +54,7 @@ def make_solver(data_root: Path, batch: int):
     param.train_net_param.CopyFrom(net)
     param.snapshot, param.display, param.snapshot_after_train = 0, 0, False
     param.solver_mode = caffe_pb2.SolverParameter.CPU
-    solver = SGDSolver(param, values)
+    solver = Solver(param, values)
     with torch.no_grad():
         for entry in solver.net.learnable:
             entry.tensor.normal_(0, 0.01)

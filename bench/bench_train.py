@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from rloss.proto.text import read_net, read_solver
-from rloss.solver import SGDSolver
+from rloss.solver import Solver
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RLOSS_SHARED", REPO.parent / "shared"))
@@ -58,7 +58,7 @@ class LayerClock:
                 top.register_hook(self._begin)
 
 
-def make_solver(kind: str, workdir: Path, batch: int) -> SGDSolver:
+def make_solver(kind: str, workdir: Path, batch: int) -> Solver:
     values = {"NUM_LABELS": "21", "DENSECRF_LOSS_WEIGHT": "1e-8", "DATA_ROOT": f"{SHARED / 'data' / 'msrc21'}/",
               "EXP": "pascal_scribble", "TRAIN_SET": "train", "NET_ID": "deeplab_largeFOV"}
     solver_file = "solver" if kind == "train" else "solverwithdensecrfloss"
@@ -73,7 +73,7 @@ def make_solver(kind: str, workdir: Path, batch: int) -> SGDSolver:
     param.display = 0
     param.max_iter = 10**6
     param.snapshot_prefix = str(workdir / "snap")
-    solver = SGDSolver(param, values)
+    solver = Solver(param, values)
     with torch.no_grad():
         for entry in solver.net.learnable:  # the file's convolutions have no fillers (they expect an init model)
             entry.tensor.normal_(0, 0.01)

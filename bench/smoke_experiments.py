@@ -22,7 +22,7 @@ themselves are found through rloss.paths' rules: the `_train`/`_val` names fall 
 Batch sizes and crops are the files' (20/30/10/1 x 321, test 1 x 513).
 
 The solver files say max_iter 9000-20000; to stop after a few iterations without editing them, the
-training phases use the Python API (`rloss.solver.SGDSolver(file)`, `copy_weights`, `step(1)` N times,
+training phases use the Python API (`rloss.solver.Solver(file)`, `copy_weights`, `step(1)` N times,
 then `snapshot()`), each phase in a worker process; N is 2 by default, and 1 for ResNet-101, whose
 iterations are 10 forward/backward passes each (iter_size 10, three scales). Seconds per iteration are
 the mean over the iterations after the first (the first also starts the data loaders), or the only
@@ -65,10 +65,10 @@ def train_phase(solver_file: str, weights: str, iterations: int, variables: dict
     from rloss.caffe_log import setup_logging
     from rloss.io import read_net_param
     from rloss.proto.blob import blob_to_array
-    from rloss.solver import SGDSolver
+    from rloss.solver import Solver
 
     setup_logging()
-    solver = SGDSolver(solver_file, values=variables)
+    solver = Solver(solver_file, values=variables)
     loaded = 0
     if weights:
         solver.copy_weights(weights)

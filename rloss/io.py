@@ -28,10 +28,10 @@ _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 # ---- reading ----------------------------------------------------------------------------------------
 
-def read_net_param(path: PathLike):
-    """The NetParameter of a `.caffemodel` (V1 upgraded), or of a Caffe HDF5 model when the name
-    ends in `.h5` (layer names and blobs only)."""
-    if str(path).endswith(".h5"):
+def read_net_param(path: PathLike, hdf5: bool | None = None):
+    """The NetParameter of a `.caffemodel` (V1 upgraded), or of a Caffe HDF5 model (layer names and
+    blobs only) when `hdf5` says so, or when it is None and the name ends in `.h5`."""
+    if str(path).endswith(".h5") if hdf5 is None else hdf5:
         return _read_h5_model(path)
     data = _read_bytes(path)
     net = _parse(data, caffe_pb2.NetParameter(), path, "a Caffe model (.caffemodel)")
@@ -57,6 +57,13 @@ def read_solver_state(path: PathLike):
                            f"{_looks_like(data)}")
     _check_blobs(state.history, f"{path}: history")
     return state
+
+
+def read_blob_proto(path: PathLike):
+    """A BlobProto from a .binaryproto file (a mean image, an InfogainLoss matrix); its values checked."""
+    blob = _parse(_read_bytes(path), caffe_pb2.BlobProto(), path, "a BlobProto (.binaryproto)")
+    _check_blobs([blob], f"{path}")
+    return blob
 
 
 def _read_bytes(path: PathLike) -> bytes:

@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from rloss.errors import LayerError, NetError, RlossError, WeightsError
 from rloss.layers import Layer, layer_class, layer_types
+from rloss.layers.python_layer import modules_beside
 from rloss.precision import autocast, check_precision, float32_region, to_float32
 from rloss.proto import caffe_pb2
 from rloss.proto.blob import shape_problem
@@ -59,6 +60,15 @@ class _Step:
 
 
 @dataclass
+class _LayerRun:
+    """A layer's last run by `Net.forward_layers`: the bottoms it took, as leaves of their own (so that
+    each layer has a graph of its own and any range of layers can run backward), and the tops it gave."""
+
+    bottoms: list[torch.Tensor]
+    tops: list[torch.Tensor]
+
+
+@dataclass
 class _Segment:
     """Consecutive layers that activation checkpointing runs as one unit: backward keeps only the
     blobs at its boundaries and runs its layers again to get what they saved."""
@@ -75,6 +85,9 @@ class Net(nn.Module):
     `Net.from_prototxt(path, phase, ...)`. `forward(feeds)` runs every layer and returns the loss;
     blobs of the last forward are in `blob_data` (and their gradients, after a backward with
     `keep_blob_diffs`, through `blob_diff`).
+
+    `forward_layers` and `backward_layers` are Caffe's ForwardFromTo and BackwardFromTo (pycaffe's
+    `forward(start=, end=)`): layer by layer over the blobs as they stand, with the diffs in `blob_diffs`.
     """
 
     def __init__(self, net_param, phase: int = caffe_pb2.TEST, source: str = "<net>"):
@@ -97,7 +110,8 @@ class Net(nn.Module):
         self._steps: list[_Step] = []
         self.blob_shapes: dict[str, Shape] = dict(self.inputs)
         self.producers: dict[str, str] = {name: "input" for name in self.inputs}
-        self._build()
+        with modules_beside(source):  # Python layers also find their module beside the net file
+            self._build()
         self.learnable: list[LearnableParam] = []
         self.params: dict[str, list[nn.Parameter]] = {}
         self._share_params()
@@ -105,6 +119,9 @@ class Net(nn.Module):
         self._feeds: dict[str, torch.Tensor] = {}
         self.blob_data: dict[str, torch.Tensor] = {}
         self._first_version: dict[str, torch.Tensor] = {}
+        self.blob_diffs: dict[str, torch.Tensor] = {}  # Caffe's blob diffs, for backward_layers
+        self._layer_runs: dict[int, _LayerRun] = {}
+        self._loss_weights: dict[str, float] = dict(self.loss_top_names())
         self.keep_blob_diffs = False
         self._precision = "fp32"
         self.checkpoint_activations = False
@@ -255,6 +272,7 @@ class Net(nn.Module):
 
     def feed(self, name: str, value: torch.Tensor) -> None:
         """Set the value of an input blob (`input:` or an Input layer's top) for the next forward."""
+        self.blob_data.pop(name, None)
         if name in self.input_layer_tops:
             self.input_layer_tops[name].feed(name, value)
         elif name in self.inputs:
@@ -296,6 +314,7 @@ class Net(nn.Module):
         # the last pass's blobs (and the graph and DenseCRF lattices they hold) go before this pass
         # allocates its own: otherwise two iterations' activations are alive at the peak
         self.blob_data, self._first_version = {}, {}
+        self.blob_diffs, self._layer_runs = {}, {}
         device = self.device
         blobs, first = self._input_blobs(device)
         loss = torch.zeros((), device=device)
@@ -346,6 +365,12 @@ class Net(nn.Module):
     def _run_step(self, step: _Step, blobs: dict[str, torch.Tensor], device: torch.device) -> list[torch.Tensor]:
         """Run one layer on its bottoms in `blobs`, bind its tops there and return them."""
         bottoms = [blobs[b].detach() if d else blobs[b] for b, d in zip(step.bottoms, step.detach)]
+        tops = self._step_tops(step, bottoms, device)
+        blobs.update(zip(step.tops, tops))
+        return tops
+
+    def _step_tops(self, step: _Step, bottoms: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        """One layer's tops for these bottoms, a failure named by the layer."""
         try:
             tops = self._layer_forward(step.layer, bottoms, device)
         except RlossError:
@@ -356,7 +381,6 @@ class Net(nn.Module):
             raise NetError(f"{where}: forward failed on bottoms {shapes}: {error}") from None
         if not step.bottoms:
             tops = [t.to(device) for t in tops]
-        blobs.update(zip(step.tops, tops))
         return tops
 
     @staticmethod
@@ -398,16 +422,15 @@ class Net(nn.Module):
 
         For an in-place chain that is the gradient of the first producer's output, as in Caffe where
         every in-place layer's backward overwrites the shared diff with its bottom's gradient. In
-        float32, also for a blob autocast computed in bf16/fp16."""
+        float32, also for a blob autocast computed in bf16/fp16. After `backward_layers`, the diff it left
+        in `blob_diffs`."""
+        if name in self.blob_diffs:
+            return self.blob_diffs[name]
         value = self._first_version.get(name)
         if value is None:
             raise NetError(f"{self.source}: no blob '{name}' (run forward first)")
         grad = value.grad if value.requires_grad else None
         return to_float32(grad if grad is not None else torch.zeros_like(value))
-
-    def is_rewritten_in_place(self, name: str) -> bool:
-        """True when in-place layers replaced the first value of blob `name` in the last forward."""
-        return self._first_version.get(name) is not self.blob_data.get(name)
 
     def loss_top_names(self) -> list[tuple[str, float]]:
         """(blob name, loss weight) of every top that is part of the objective."""
@@ -425,6 +448,117 @@ class Net(nn.Module):
         if tensors:
             torch.autograd.backward(tensors, grads)
 
+    # ---- layer ranges (Caffe's ForwardFromTo / BackwardFromTo, for pycaffe) -------------------------
+    def blob_tensor(self, name: str) -> torch.Tensor:
+        """What blob `name` holds now, as Caffe's blob memory: its value from the last forward, else the
+        input's tensor, else zeros of its shape. The tensor is kept, so what a caller writes into it is
+        what a later `forward_layers` reads."""
+        value = self.blob_data.get(name)
+        if value is None:
+            if name in self.feedable:
+                value = self.input_tensor(name).to(self.device)
+            elif name in self.blob_shapes:
+                value = torch.zeros(self.blob_shapes[name], device=self.device)
+            else:
+                raise NetError(f"{self.source}: no blob named '{name}'")
+            self.blob_data[name] = value
+        return value
+
+    def diff_tensor(self, name: str) -> torch.Tensor:
+        """Blob `name`'s diff in `blob_diffs` (float32, the blob's shape): what `backward_layers` or a caller
+        last wrote there; at first the loss weight for a loss top (Caffe's SetLossWeights), else zeros."""
+        value = self.blob_tensor(name)
+        diff = self.blob_diffs.get(name)
+        if diff is None or diff.shape != value.shape:
+            diff = torch.full(value.shape, self._loss_weights.get(name, 0.0), device=value.device)
+            self.blob_diffs[name] = diff
+        return diff
+
+    def forward_layers(self, first: int, last: int) -> torch.Tensor:
+        """Run layers `first`..`last` (inclusive) on the blobs as they stand (`blob_tensor`) and return
+        their loss, as Caffe's ForwardFromTo. Each layer gets a graph of its own (`backward_layers`).
+        An Input layer does nothing, as in Caffe: its tops are the input blobs as they stand."""
+        self._check_layer_index(first)
+        self._check_layer_index(last)
+        outputs = set(self.outputs)
+        loss = torch.zeros((), device=self.device)
+        for index in range(first, last + 1):
+            step = self._steps[index]
+            if step.layer.feedable:
+                tops = [self.blob_tensor(top) for top in step.tops]
+            else:
+                run = self._layer_runs[index] = self._run_layer(step)
+                tops = run.tops
+            for name, value in zip(step.tops, tops):
+                self.blob_data[name] = to_float32(value) if name in outputs else value  # as `forward` shows them
+            for top, weight in step.loss_tops:
+                loss = loss + weight * to_float32(tops[top]).sum()
+        return loss
+
+    def backward_layers(self, last: int, first: int) -> None:
+        """Run layers `last` down to `first` backward, as Caffe's BackwardFromTo: each layer takes its
+        tops' diffs from `blob_diffs` (`diff_tensor`) and overwrites its bottoms' diffs there; parameter
+        gradients add up in `.grad` (Caffe's param diffs, until cleared). A layer that has not run
+        forward since the last `forward` runs forward again on its bottoms as they stand first."""
+        self._check_layer_index(last)
+        self._check_layer_index(first)
+        for index in range(last, first - 1, -1):
+            step = self._steps[index]
+            if not step.bottoms and not len(step.layer.blobs):
+                continue  # a source layer: nothing to back-propagate to
+            run = self._layer_runs.get(index)
+            if run is None:
+                run = self._layer_runs[index] = self._run_layer(step)
+            self._layer_backward(step, run)
+
+    def _run_layer(self, step: _Step) -> _LayerRun:
+        """Run one layer on its bottoms as they stand, each bottom a fresh leaf that needs a gradient
+        where Caffe's bottom needs backward (force_backward, or a gradient flowing in) and
+        propagate_down allows it."""
+        bottoms = []
+        for name, detach in zip(step.bottoms, step.detach):
+            value = self.blob_tensor(name)
+            leaf = value.detach()
+            wanted = value.requires_grad or (self.force_backward and torch.is_grad_enabled())
+            if wanted and not detach and leaf.is_floating_point():
+                leaf.requires_grad_(True)
+            bottoms.append(leaf)
+        with autocast(self.precision, self.device):
+            return _LayerRun(bottoms, self._step_tops(step, bottoms, self.device))
+
+    def _layer_backward(self, step: _Step, run: _LayerRun) -> None:
+        tops = [(top, value) for top, value in zip(step.tops, run.tops) if value.requires_grad]
+        inputs = [leaf for leaf in run.bottoms if leaf.requires_grad]
+        inputs += [blob for blob in step.layer.blobs if blob.requires_grad]
+        if not tops or not inputs:
+            return
+        for leaf in run.bottoms:
+            leaf.grad = None
+        grads = [self.diff_tensor(name).to(value.dtype).reshape(value.shape) for name, value in tops]
+        torch.autograd.backward([value for _, value in tops], grads, inputs=inputs, retain_graph=True)
+        for name, leaf in zip(step.bottoms, run.bottoms):
+            if leaf.requires_grad:
+                grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+                self.diff_tensor(name).copy_(grad.reshape(self.blob_tensor(name).shape))
+
+    def adopt_autograd_diffs(self) -> None:
+        """Make the gradients the last backward through the whole graph left (`forward`, then autograd:
+        a solver's iteration, with `keep_blob_diffs`) the blobs' diffs in `blob_diffs`."""
+        self.blob_diffs = {}
+        self.blob_diffs = {name: self.blob_diff(name) for name, value in self._first_version.items()
+                           if value.requires_grad}
+
+    def layer_index(self, name: str) -> int:
+        """The position of the (first) layer named `name`."""
+        for index, step in enumerate(self._steps):
+            if step.layer.name == name:
+                return index
+        raise NetError(f"{self.source}: no layer named '{name}'")
+
+    def _check_layer_index(self, index: int) -> None:
+        if not 0 <= index < len(self._steps):
+            raise NetError(f"{self.source}: no layer {index} (the net has {len(self._steps)})")
+
     def layer_names(self) -> list[str]:
         return [step.layer.name for step in self._steps]
 
@@ -435,10 +569,7 @@ class Net(nn.Module):
         return self._step(name).tops
 
     def _step(self, name: str) -> _Step:
-        for step in self._steps:
-            if step.layer.name == name:
-                return step
-        raise NetError(f"{self.source}: no layer named '{name}'")
+        return self._steps[self.layer_index(name)]
 
     # ---- weights ------------------------------------------------------------------------------
     def to_proto(self, with_diff: bool = False):
@@ -479,14 +610,19 @@ class Net(nn.Module):
                 blobs.append((index, blob.detach().cpu().numpy(), _diff_array(blob) if with_diff else None))
         write_hdf5_model(layers, str(path), with_diff)
 
-    def copy_from(self, source) -> None:
+    def copy_from(self, source, hdf5: bool | None = None) -> None:
         """Copy weights from a .caffemodel path (or a NetParameter) into layers of the same name, as
-        Caffe's CopyTrainedLayersFrom does: unknown source layers are skipped with a log line."""
+        Caffe's CopyTrainedLayersFrom does: unknown source layers are skipped with a log line. A path
+        is a Caffe HDF5 model when its name ends in .h5, or with `hdf5` (pycaffe's load_hdf5)."""
         from rloss.io import read_net_param
         from rloss.proto.blob import blob_shape, blob_to_array, legacy_shape_matches
 
         where = str(source) if isinstance(source, (str, Path)) else "<weights>"
-        net_param = read_net_param(str(source)) if isinstance(source, (str, Path)) else source
+        from_h5 = where.endswith(".h5") if hdf5 is None else hdf5  # HDF5 models may omit trailing and shared blobs
+        if isinstance(source, (str, Path)):
+            net_param = read_net_param(where, hdf5=from_h5)
+        else:
+            net_param = source
         by_name: dict[str, Layer] = {}
         for step in self._steps:
             by_name.setdefault(step.layer.name, step.layer)
@@ -495,7 +631,6 @@ class Net(nn.Module):
             if target is None:
                 log.info("Ignoring source layer %s", source_layer.name)
                 continue
-            from_h5 = where.endswith(".h5")  # HDF5 models may omit trailing and shared blobs
             count, wanted = len(source_layer.blobs), len(target.blobs)
             if count != wanted and not (from_h5 and count < wanted):
                 raise NetError(

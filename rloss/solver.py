@@ -1,9 +1,11 @@
-"""Caffe's SGD solver: the same iteration loop, update rule, learning-rate schedule, smoothed loss,
+"""Caffe's solvers: the same iteration loop, update rules, learning-rate schedule, smoothed loss,
 log lines and snapshot files as `caffe.bin train`, on a `rloss.net.Net`.
 
-The update is Caffe's, not torch.optim.SGD's: the learning rate is folded into the momentum buffer
-(`h = momentum * h + lr * lr_mult * (g / iter_size + decay * decay_mult * w); w -= h`), and `h` is what
-the `.solverstate` stores, so snapshots resume Caffe runs and Caffe resumes ours.
+The update is Caffe's, not torch.optim's: the gradient is regularized as Caffe does (`g / iter_size +
+decay * decay_mult * w`), then the solver type's rule (rloss.update_rules: SGD, Nesterov, AdaGrad,
+RMSProp, AdaDelta, Adam) turns it into the step, with the learning rate folded in where Caffe folds it
+(SGD: `h = momentum * h + lr * lr_mult * g; w -= h`); the histories are what the `.solverstate` stores,
+laid out as Caffe's, so snapshots resume Caffe runs and Caffe resumes ours.
 
 Resuming is exact: unlike Caffe's, our solver states also record (in rloss's `resume` extension,
 which Caffe skips) each data layer's position as of the batches consumed, not those prefetched, and
@@ -40,18 +42,20 @@ from rloss.proto import caffe_pb2
 from rloss.proto.blob import array_to_blob, blob_shape, blob_to_array
 from rloss.scoring import output_values, score
 from rloss.solver_files import SolverFiles, learned_net
+from rloss.update_rules import update_rule
 
 log = logging.getLogger("rloss")
 f32 = np.float32
 EFFECTS = ("stop", "snapshot", "none")
 
 
-class SGDSolver:
-    """`caffe.SGDSolver`: build the train (and test) nets from a solver file and train them.
+class Solver:
+    """caffe.bin's solver: build the train (and test) nets from a solver file and train them.
 
     `solver` is a path or a SolverParameter; `values` are explicit `${VAR}` values (`--set`), taken
     before the environment and the run script's defaults (rloss.paths); `device` overrides
-    `solver_mode`/`device_id`; `precision` ("fp32", "bf16", "fp16") is the nets' autocast (weights,
+    `solver_mode`/`device_id`; `type_name` overrides the file's solver `type` (pycaffe's `caffe.AdamSolver(file)`
+    is an Adam solver whatever the file says); `precision` ("fp32", "bf16", "fp16") is the nets' autocast (weights,
     history and snapshots stay float32) and `checkpoint_activations` recomputes the train net's
     activations in backward instead of keeping them; the signal effects are those of caffe.bin's --sigint_effect (also
     SIGTERM's, as clusters stop jobs with it) and --sighup_effect ("stop", "snapshot" or "none"),
@@ -69,6 +73,7 @@ class SGDSolver:
         environ: Mapping[str, str] | None = None,
         precision: str = "fp32",
         checkpoint_activations: bool = False,
+        type_name: str | None = None,
     ):
         for flag, effect in (("sigint_effect", sigint_effect), ("sighup_effect", sighup_effect)):
             if effect not in EFFECTS:
@@ -76,6 +81,7 @@ class SGDSolver:
         self.effects = {"SIGINT": sigint_effect, "SIGHUP": sighup_effect, "SIGTERM": sigint_effect}
         self.files = SolverFiles(solver, values, environ)
         self.param = self.files.param
+        self.rule = update_rule(self.param, self.files.source, type_name)
         log.info("Initializing solver from parameters: \n%s", text_format.MessageToString(self.param))
         ranks = joined_ranks()
         self.device = torch.device(device) if device is not None else solver_device(self.param, ranks.local_rank)
@@ -97,14 +103,15 @@ class SGDSolver:
         self.iter = 0
         self.lr = LearningRate(self.param)
         self.history = [torch.zeros_like(p.tensor, memory_format=torch.contiguous_format)
-                        for p in self.net.learnable]
-        self._history_nonzero = [False] * len(self.history)
+                        for _ in range(self.rule.history_sets) for p in self.net.learnable]
+        self._history_nonzero = [False] * len(self.net.learnable)
         self.smoothed_loss = 0.0
         self._start_iter = 0
         self._losses: list[np.float32] = []
         self.requested_early_exit = False
         self._gradients_finite = True
         self._pending: list[str] = []
+        self.callbacks: list[tuple[Callable[[], None], Callable[[], None]]] = []  # pycaffe's add_callback
         self.last_snapshot = ""  # the newest model this run wrote or resumed from (all its weights finite)
         log.info("Solver scaffolding done.")
 
@@ -163,6 +170,8 @@ class SGDSolver:
                 self.test_all()
                 if self.requested_early_exit:
                     break
+            for on_start, _ in self.callbacks:
+                on_start()
             display = p.display > 0 and self.iter % p.display == 0
             loss = self.ranked.mean_loss(self._forward_backward())
             self._check_loss_finite(loss)
@@ -171,6 +180,8 @@ class SGDSolver:
             if display:
                 log.info("Iteration %d, loss = %s", self.iter, caffe_float(smoothed))
                 self._log_outputs(self.net, "Train")
+            for _, on_gradients_ready in self.callbacks:
+                on_gradients_ready()
             if self._gradients_finite:
                 self.apply_update(display)
             else:
@@ -235,7 +246,7 @@ class SGDSolver:
 
     # ---- the update -------------------------------------------------------------------------------
     def apply_update(self, display: bool = False) -> None:
-        """Caffe's ApplyUpdate: clip, /iter_size, + weight decay, momentum with lr folded in, w -= h."""
+        """Caffe's ApplyUpdate: clip, /iter_size, + weight decay, the type's rule, w -= step."""
         p = self.param
         rate = self.lr(self.iter)
         if display:
@@ -243,7 +254,7 @@ class SGDSolver:
         self._clip()
         groups: dict[tuple[float, float], list[int]] = {}
         for i, entry in enumerate(self.net.learnable):
-            if entry.lr_mult == 0 and not self._history_nonzero[i]:
+            if entry.lr_mult == 0 and self.rule.idle_at_zero_rate and not self._history_nonzero[i]:
                 continue  # h stays 0 and w unchanged: skip the work (Caffe computes the same zeros)
             decay = float(f32(p.weight_decay) * f32(entry.decay_mult))
             local_rate = float(f32(rate) * f32(entry.lr_mult))
@@ -274,11 +285,12 @@ class SGDSolver:
 
     def _update_group(self, members: list[int], decay: float, local_rate: float) -> None:
         """The update of parameters sharing one (decay, rate) pair, with fused multi-tensor ops.
-        Afterwards each diff holds the step taken (= h), as Caffe's does."""
+        Afterwards each diff holds the step taken, as Caffe's does."""
         p = self.param
         grads = [self._gradient(i) for i in members]
         weights = [self.net.learnable[i].tensor.data for i in members]
-        history = [self.history[i] for i in members]
+        count = len(self.net.learnable)
+        history = [[self.history[s * count + i] for i in members] for s in range(self.rule.history_sets)]
         if p.iter_size > 1:
             torch._foreach_mul_(grads, float(f32(1) / f32(p.iter_size)))
         if decay != 0:
@@ -286,10 +298,8 @@ class SGDSolver:
                 torch._foreach_add_(grads, weights, alpha=decay)
             else:
                 torch._foreach_add_(grads, [torch.sign(w) for w in weights], alpha=decay)
-        torch._foreach_mul_(history, float(f32(p.momentum)))
-        torch._foreach_add_(history, grads, alpha=local_rate)
-        torch._foreach_copy_(grads, history)
-        torch._foreach_sub_(weights, history)
+        self.rule.step(grads, history, local_rate, self.iter)
+        torch._foreach_sub_(weights, grads)
         for i in members:
             self._history_nonzero[i] = True
 
@@ -390,19 +400,25 @@ class SGDSolver:
         found = resolve_input(path, self.files.anchors)
         state = read_solver_state(str(found))
         if len(state.history) != len(self.history):
-            raise WeightsError(f"{found}: {len(state.history)} history blobs for the {len(self.history)} "
-                               f"learnable parameters of net '{self.net.name}' (a state of another net?)")
+            sets = self.rule.history_sets
+            raise WeightsError(f"{found}: {len(state.history)} history blobs; a {self.rule.type_name} solver keeps "
+                               f"{sets} per learnable parameter, {len(self.history)} for the "
+                               f"{len(self.net.learnable)} of net '{self.net.name}' (a state of another net or "
+                               f"solver type?)")
         self.iter = state.iter
         if state.HasField("learned_net"):
             self.net.copy_from(str(learned_net(state.learned_net, found)))
         self.lr.current_step = state.current_step
-        for i, (blob, entry) in enumerate(zip(state.history, self.net.learnable)):
+        count = len(self.net.learnable)
+        self._history_nonzero = [False] * count
+        for i, blob in enumerate(state.history):
+            entry = self.net.learnable[i % count]
             values = blob_to_array(blob, f"{found}: history {i}")
             if values.size != entry.tensor.numel():
                 raise WeightsError(f"{found}: history {i} has shape {blob_shape(blob)}, the parameter "
                                    f"{entry.owner} has shape {tuple(entry.tensor.shape)}")
             self.history[i].copy_(torch.from_numpy(values.reshape(tuple(entry.tensor.shape))))
-            self._history_nonzero[i] = bool(np.any(values))
+            self._history_nonzero[i % count] |= bool(np.any(values))
         if not state.HasField("resume"):
             log.info("%s has no data positions or generator states (a Caffe state): the data order restarts "
                      "from the beginning, as in Caffe", found)

@@ -50,8 +50,6 @@ class SolverFiles:
     def _check_param(self) -> None:
         """Caffe's checks of the settings rloss relies on."""
         p = self.param
-        if p.type != "SGD":
-            raise SolverError(f"{self.source}: solver type '{p.type}' is not supported; rloss implements SGD")
         if p.average_loss < 1:
             raise SolverError(f"{self.source}: average_loss must be >= 1, got {p.average_loss}")
         if p.iter_size < 1:

@@ -8,7 +8,7 @@ if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
   # A CPU build; users with a CUDA build of torch already installed keep theirs.
   "$PYTHON" -m pip install -q "torch==2.13.0"
 fi
-if ! (cd /tmp && "$PYTHON" -c "import rloss._lattice, google.protobuf, PIL, scipy, h5py, matplotlib, pytest" >/dev/null 2>&1) \
+if ! (cd /tmp && "$PYTHON" -c "import rloss._lattice, google.protobuf, PIL, scipy, h5py, matplotlib, pytest, lmdb" >/dev/null 2>&1) \
    || [ "${RLOSS_REINSTALL:-0}" = 1 ]; then
   "$PYTHON" -m pip install -q -e "$root[test]"
 fi

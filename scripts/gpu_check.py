@@ -3,7 +3,7 @@
     bash scripts/gpu_check.sh [--batch 20] [--crop 321]
 
 Every registered layer type's forward and backward (small generated nets: tops, bottom and parameter
-gradients, parameters after the step); 5 SGDSolver iterations of a small net (weights and momentum
+gradients, parameters after the step); 5 Solver iterations of a small net (weights and momentum
 history); the DenseCRF layer and the loss modules (rloss.DenseCRFLoss, ...) with CUDA tensors; one bf16 and one
 fp16 autocast step against fp32 (Net.precision); 2-rank NCCL training
 through `python -m rloss train --gpu=0,1` when 2 GPUs exist (exit 0 and one snapshot); LargeFOV
@@ -37,6 +37,7 @@ from google.protobuf import text_format  # noqa: E402
 
 from rloss.errors import PrecisionError  # noqa: E402
 from rloss.layers import layer_types  # noqa: E402
+from rloss.layers.python_layer import PythonLayerBase  # noqa: E402
 from rloss.net import Net  # noqa: E402
 from rloss.proto import caffe_pb2  # noqa: E402
 
@@ -71,6 +72,7 @@ class LayerCase:
     expected: Callable[[Results, Results], Results] | None = None
     needs: str = ""  # a module the case needs ("h5py")
     fed: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # Input layer tops to feed
+    arrays: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # MemoryData's data, label
 
 
 def dropout_expected(run: Results, inputs: Results) -> Results:
@@ -84,15 +86,45 @@ def dropout_expected(run: Results, inputs: Results) -> Results:
     return {"top y": inputs["x"] * kept * scale, "grad x": inputs["diff y"] * kept * scale}
 
 
+class ScaledSquare(PythonLayerBase):
+    """The Python case's user layer: y = w x^2 with w a learnable scalar starting at param_str, so the
+    round trip through host numpy carries a bottom gradient and a parameter gradient. The case names
+    its module by this script's `__name__`: `__main__` when run, `gpu_check` when the tests import it."""
+
+    def setup(self, bottom, top) -> None:
+        self.blobs.add_blob(1)
+        self.blobs[0].data[...] = float(self.param_str)
+
+    def reshape(self, bottom, top) -> None:
+        top[0].reshape(*bottom[0].shape)
+
+    def forward(self, bottom, top) -> None:
+        top[0].data[...] = self.blobs[0].data[0] * bottom[0].data ** 2
+
+    def backward(self, top, propagate_down, bottom) -> None:
+        self.blobs[0].diff[...] = (bottom[0].data ** 2 * top[0].diff).sum()
+        if propagate_down[0]:
+            bottom[0].diff[...] = 2 * self.blobs[0].data[0] * bottom[0].data * top[0].diff
+
+
 X4 = {"x": ((2, 3, 5, 5), "normal")}
 CASES: dict[str, list[LayerCase]] = {
+    "AbsVal": [LayerCase('type: "AbsVal" bottom: "x" top: "y"', X4)],
     "Accuracy": [LayerCase('type: "Accuracy" bottom: "x" bottom: "l" top: "a" accuracy_param { top_k: 2 }',
                            {"x": ((6, 5), "normal"), "l": ((6,), "labels 5")})],
     "ArgMax": [LayerCase('type: "ArgMax" bottom: "x" top: "y" argmax_param { axis: 1 }', X4)],
+    "BNLL": [LayerCase('type: "BNLL" bottom: "x" top: "y"', X4)],
     "BatchNorm": [LayerCase('type: "BatchNorm" bottom: "x" top: "y"', X4)],
+    "BatchReindex": [LayerCase('type: "BatchReindex" bottom: "x" bottom: "i" top: "y"',
+                               {"x": ((4, 3, 2), "normal"), "i": ((6,), "indices 4")})],
     "Bias": [LayerCase('type: "Bias" bottom: "x" top: "y" bias_param { filler { type: "gaussian" std: 1 } }', X4)],
+    "Clip": [LayerCase('type: "Clip" bottom: "x" top: "y" clip_param { min: -0.5 max: 0.8 }', X4)],
     "Concat": [LayerCase('type: "Concat" bottom: "x" bottom: "z" top: "y"',
                          {"x": ((2, 3, 4, 4), "normal"), "z": ((2, 2, 4, 4), "normal")})],
+    "ContrastiveLoss": [LayerCase('type: "ContrastiveLoss" bottom: "a" bottom: "b" bottom: "s" top: "y" '
+                                  'contrastive_loss_param { margin: 2 }',
+                                  {"a": ((6, 3, 1, 1), "normal"), "b": ((6, 3, 1, 1), "normal"),
+                                   "s": ((6, 1, 1, 1), "labels 2")})],
     "Convolution": [LayerCase(
         'type: "Convolution" bottom: "x" top: "y" convolution_param { num_output: 4 kernel_size: 3 pad: 2 '
         'dilation: 2 stride: 2 group: 2 weight_filler { type: "gaussian" std: 0.3 } '
@@ -102,6 +134,9 @@ CASES: dict[str, list[LayerCase]] = {
     "Deconvolution": [LayerCase(
         'type: "Deconvolution" bottom: "x" top: "y" convolution_param { num_output: 2 kernel_size: 4 stride: 2 '
         'pad: 1 weight_filler { type: "gaussian" std: 0.3 } }', X4)],
+    "Data": [LayerCase('type: "Data" top: "data" top: "label" data_param { source: "{lmdb}" backend: LMDB '
+                       'batch_size: 2 } transform_param { crop_size: 16 mirror: true scale: 0.0078125 '
+                       'mean_value: 104 mean_value: 117 mean_value: 123 }', needs="lmdb")],
     "DenseCRF": [LayerCase(
         'type: "DenseCRF" bottom: "x" bottom: "d" bottom: "i" top: "y" dense_crf_param { max_iter: 3 pos_w: 3 '
         'pos_xy_std: 2 bi_w: 5 bi_xy_std: 6 bi_rgb_std: 10 }',
@@ -129,12 +164,25 @@ CASES: dict[str, list[LayerCase]] = {
                           {"x": ((4, 8, 8, 8), "normal")}, expected=dropout_expected)],
     "DummyData": [LayerCase('type: "DummyData" top: "y" dummy_data_param { shape { dim: 2 dim: 3 } '
                             'data_filler { type: "gaussian" std: 1 } }')],
+    "ELU": [LayerCase('type: "ELU" bottom: "x" top: "y" elu_param { alpha: 0.5 }', X4)],
     "Eltwise": [LayerCase(f'type: "Eltwise" bottom: "x" bottom: "z" top: "y" eltwise_param {{ {op} }}',
                           {"x": ((2, 3, 4), "normal"), "z": ((2, 3, 4), "normal")}, label=op.split()[1])
                 for op in ("operation: SUM coeff: 1 coeff: -2", "operation: PROD", "operation: MAX")],
+    "Embed": [LayerCase('type: "Embed" bottom: "l" top: "y" propagate_down: false embed_param { num_output: 4 '
+                        'input_dim: 5 weight_filler { type: "gaussian" std: 1 } bias_filler { type: "constant" '
+                        'value: 0.5 } }', {"l": ((2, 3), "indices 5")})],
+    "EuclideanLoss": [LayerCase('type: "EuclideanLoss" bottom: "x" bottom: "z" top: "y"',
+                                {"x": ((4, 3, 2), "normal"), "z": ((4, 3, 2), "normal")})],
+    "Exp": [LayerCase('type: "Exp" bottom: "x" top: "y" exp_param { base: 2 scale: 0.5 shift: 0.1 }', X4)],
+    "Filter": [LayerCase('type: "Filter" bottom: "x" bottom: "s" top: "y"',
+                         {"x": ((6, 3, 2), "normal"), "s": ((6,), "indices 2")})],
     "Flatten": [LayerCase('type: "Flatten" bottom: "x" top: "y"', X4)],
     "HDF5Data": [LayerCase('type: "HDF5Data" top: "data" top: "label" hdf5_data_param { source: "{hdf5_list}" '
                            'batch_size: 3 shuffle: true }', needs="h5py")],
+    "HingeLoss": [LayerCase(f'type: "HingeLoss" bottom: "x" bottom: "l" top: "y" hinge_loss_param {{ norm: {norm} }}',
+                            {"x": ((6, 5), "normal"), "l": ((6,), "indices 5")}, label=norm) for norm in ("L1", "L2")],
+    "Im2col": [LayerCase('type: "Im2col" bottom: "x" top: "y" convolution_param { kernel_size: 3 pad: 1 stride: 2 '
+                         'dilation: 2 }', X4)],
     "ImageData": [LayerCase('type: "ImageData" top: "data" top: "label" image_data_param { source: "{class_list}" '
                             'root_folder: "{root}/" batch_size: 2 shuffle: true } transform_param { crop_size: 16 '
                             'mirror: true mean_value: 104 mean_value: 117 mean_value: 123 }')],
@@ -143,6 +191,9 @@ CASES: dict[str, list[LayerCase]] = {
                                'label_type: PIXEL } '
                                'transform_param { crop_size: 28 mirror: true mean_value: 104 mean_value: 117 '
                                'mean_value: 123 }')],
+    "InfogainLoss": [LayerCase('type: "InfogainLoss" bottom: "x" bottom: "l" bottom: "h" top: "y" loss_param { '
+                               'ignore_label: 255 }', {"x": ((2, 4, 5, 5), "normal"), "l": ((2, 1, 5, 5), "labels 4"),
+                                                       "h": ((4, 4), "probabilities")})],
     "InnerProduct": [LayerCase('type: "InnerProduct" bottom: "x" top: "y" inner_product_param { num_output: 4 '
                                'weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "constant" '
                                'value: 0.1 } }', X4)],
@@ -150,27 +201,72 @@ CASES: dict[str, list[LayerCase]] = {
                         fed={"fed": ((2, 3), "normal")})],
     "Interp": [LayerCase(f'type: "Interp" bottom: "x" top: "y" interp_param {{ {size} }}', X4, label=size)
                for size in ("zoom_factor: 2", "height: 3 width: 4")],
+    "LRN": [LayerCase(f'type: "LRN" bottom: "x" top: "y" lrn_param {{ local_size: 3 alpha: 0.5 '
+                      f'norm_region: {region} }}', X4, label=region)
+            for region in ("ACROSS_CHANNELS", "WITHIN_CHANNEL")],
+    "LSTM": [LayerCase('type: "LSTM" bottom: "x" bottom: "c" top: "y" recurrent_param { num_output: 4 '
+                       'weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 0.3 } }',
+                       {"x": ((3, 2, 5), "normal"), "c": ((3, 2), "indices 2")}),
+             LayerCase('type: "LSTM" bottom: "x" bottom: "c" bottom: "s" bottom: "h" bottom: "m" top: "y" '
+                       'top: "hT" top: "mT" recurrent_param { num_output: 4 expose_hidden: true '
+                       'weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 0.3 } }',
+                       {"x": ((3, 2, 5), "normal"), "c": ((3, 2), "indices 2"), "s": ((2, 3), "normal"),
+                        "h": ((1, 2, 4), "normal"), "m": ((1, 2, 4), "normal")}, label="x_static expose_hidden")],
+    "Log": [LayerCase('type: "Log" bottom: "x" top: "y" log_param { base: 2 scale: 2 shift: 0.1 }',
+                      {"x": ((2, 3, 5, 5), "probabilities")})],
+    "MVN": [LayerCase('type: "MVN" bottom: "x" top: "y"', X4)],
+    "MemoryData": [LayerCase('type: "MemoryData" top: "data" top: "label" memory_data_param { batch_size: 2 '
+                             'channels: 3 height: 4 width: 5 }',
+                             arrays={"data": ((4, 3, 4, 5), "normal"), "label": ((4,), "indices 3")})],
+    "MultinomialLogisticLoss": [LayerCase('type: "MultinomialLogisticLoss" bottom: "p" bottom: "l" top: "y"',
+                                          {"p": ((6, 5), "probabilities"), "l": ((6,), "indices 5")})],
+    "PReLU": [LayerCase('type: "PReLU" bottom: "x" top: "y" prelu_param { filler { type: "gaussian" std: 0.3 } }',
+                        X4)],
+    "Parameter": [LayerCase('type: "Parameter" top: "y" parameter_param { shape { dim: 2 dim: 3 } }')],
     "Pooling": [LayerCase(f'type: "Pooling" bottom: "x" top: "y" pooling_param {{ pool: {pool} kernel_size: 3 '
                           'stride: 2 pad: 1 }', X4, label=pool) for pool in ("MAX", "AVE")],
+    "Power": [LayerCase('type: "Power" bottom: "x" top: "y" power_param { power: 3 scale: 0.5 shift: 1 }', X4)],
+    "Python": [LayerCase(f'type: "Python" bottom: "x" top: "y" python_param {{ module: "{__name__}" '
+                         'layer: "ScaledSquare" param_str: "1.5" }', X4)],
+    "RNN": [LayerCase('type: "RNN" bottom: "x" bottom: "c" top: "y" recurrent_param { num_output: 4 '
+                      'weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 0.3 } }',
+                      {"x": ((3, 2, 5), "normal"), "c": ((3, 2), "indices 2")}),
+            LayerCase('type: "RNN" bottom: "x" bottom: "c" bottom: "s" bottom: "h" top: "y" top: "hT" '
+                      'recurrent_param { num_output: 4 expose_hidden: true '
+                      'weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 0.3 } }',
+                      {"x": ((3, 2, 5), "normal"), "c": ((3, 2), "indices 2"), "s": ((2, 3), "normal"),
+                       "h": ((1, 2, 4), "normal")}, label="x_static expose_hidden")],
+    "Reduction": [LayerCase('type: "Reduction" bottom: "x" top: "y" reduction_param { operation: SUMSQ axis: 1 '
+                            'coeff: 0.5 }', X4)],
     "ReLU": [LayerCase('type: "ReLU" bottom: "x" top: "y" relu_param { negative_slope: 0.1 }', X4)],
     "Reshape": [LayerCase('type: "Reshape" bottom: "x" top: "y" reshape_param { shape { dim: 0 dim: -1 } }', X4)],
+    "SPP": [LayerCase(f'type: "SPP" bottom: "x" top: "y" spp_param {{ pyramid_height: 3 pool: {pool} }}',
+                      {"x": ((2, 3, 9, 7), "normal")}, label=pool) for pool in ("MAX", "AVE")],
     "Scale": [LayerCase('type: "Scale" bottom: "x" top: "y" scale_param { bias_term: true filler { type: '
                         '"gaussian" std: 1 } bias_filler { type: "gaussian" std: 1 } }', X4)],
     "SegAccuracy": [LayerCase('type: "SegAccuracy" bottom: "x" bottom: "l" top: "y" seg_accuracy_param { '
                               'ignore_label: 255 }', {"x": ((2, 4, 5, 5), "normal"), "l": ((2, 1, 5, 5), "labels 4")})],
+    "Sigmoid": [LayerCase('type: "Sigmoid" bottom: "x" top: "y"', X4)],
+    "SigmoidCrossEntropyLoss": [LayerCase('type: "SigmoidCrossEntropyLoss" bottom: "x" bottom: "t" top: "y"',
+                                          {"x": ((4, 3, 2), "normal"), "t": ((4, 3, 2), "probabilities")})],
     "Silence": [LayerCase('type: "Silence" bottom: "x"', X4)],
     "Slice": [LayerCase('type: "Slice" bottom: "x" top: "y" top: "z" slice_param { axis: 1 slice_point: 1 }', X4)],
     "Softmax": [LayerCase('type: "Softmax" bottom: "x" top: "y"', X4)],
     "SoftmaxWithLoss": [LayerCase('type: "SoftmaxWithLoss" bottom: "x" bottom: "l" top: "y" loss_param { '
                                   'ignore_label: 255 }', {"x": ((2, 4, 5, 5), "normal"),
                                                           "l": ((2, 1, 5, 5), "labels 4")})],
+    "Swish": [LayerCase('type: "Swish" bottom: "x" top: "y" swish_param { beta: 1.5 }', X4)],
     "Split": [LayerCase('type: "Split" bottom: "x" top: "y" top: "z"', X4)],
+    "TanH": [LayerCase('type: "TanH" bottom: "x" top: "y"', X4)],
+    "Threshold": [LayerCase('type: "Threshold" bottom: "x" top: "y" threshold_param { threshold: 0.2 }', X4)],
+    "Tile": [LayerCase('type: "Tile" bottom: "x" top: "y" tile_param { axis: 1 tiles: 3 }', X4)],
 }
 
 
 def input_values(kind: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     """Values of one kind: normal, image (mean-subtracted pixels), probabilities (softmax over
-    axis 1), labels K (integers in [0, K), a tenth 255), size H W (data_dim rows)."""
+    axis 1), labels K (integers in [0, K), a tenth 255), indices K (integers in [0, K), for layers that
+    refuse any other value), size H W (data_dim rows)."""
     words = kind.split()
     if words[0] == "normal":
         return torch.randn(shape, generator=generator)
@@ -182,6 +278,8 @@ def input_values(kind: str, shape: tuple[int, ...], generator: torch.Generator) 
         labels = torch.randint(0, int(words[1]), shape, generator=generator).float()
         labels[torch.rand(shape, generator=generator) < 0.1] = 255
         return labels
+    if words[0] == "indices":
+        return torch.randint(0, int(words[1]), shape, generator=generator).float()
     if words[0] == "size":
         return torch.tensor([float(words[1]), float(words[2])]).expand(shape).clone()
     raise ValueError(f"unknown input kind {kind!r}")
@@ -203,8 +301,7 @@ def run_net(param: caffe_pb2.NetParameter, phase: int, inputs: Results, device: 
     gradients and the parameters' values and gradients after it (moved to the CPU, as float32)."""
     torch.manual_seed(SEED)  # the same fillers, data order and draws on both devices
     net = Net(param, phase, source="gpu_check").to(device)
-    feeds = {name: value.to(device) for name, value in inputs.items() if not name.startswith("diff ")}
-    net.forward(feeds)
+    net.forward(feeds_for(net, inputs, device))
     results = {f"top {name}": net.blob_data[name] for name in net.outputs}
     diffs = {name: inputs[f"diff {name}"].to(device) for name in net.outputs
              if net.blob_data[name].requires_grad and f"diff {name}" in inputs}
@@ -218,14 +315,30 @@ def run_net(param: caffe_pb2.NetParameter, phase: int, inputs: Results, device: 
     return {key: value.detach().float().cpu() for key, value in results.items()}
 
 
+def feeds_for(net: Net, inputs: Results, device: torch.device) -> Results:
+    """The net's feeds from `inputs`; the "array" ones go to its MemoryData layers instead, as pycaffe's
+    set_input_arrays hands them (data float32 N x C x H x W, labels N x 1 x 1 x 1)."""
+    if "array data" in inputs:
+        data = inputs["array data"].float().numpy()
+        labels = inputs["array label"].float().numpy().reshape(-1, 1, 1, 1)
+        for layer in net.layers:
+            if layer.type_name == "MemoryData":
+                layer.reset(data, labels)
+    return {name: value.to(device) for name, value in inputs.items() if not name.startswith(("diff ", "array "))}
+
+
 def case_inputs(case: LayerCase, param: caffe_pb2.NetParameter) -> Results:
-    """The inputs, and a seeded diff for every float output the net will have (shapes from a CPU build)."""
+    """The inputs, and a seeded diff for every output of the net, shaped as a CPU forward gives it (the
+    built shapes would not do: Filter's top holds only the items its selector picks)."""
     generator = torch.Generator().manual_seed(SEED)
     inputs = {name: input_values(kind, shape, generator) for name, (shape, kind) in {**case.inputs, **case.fed}.items()}
+    arrays = case.arrays.items()
+    inputs.update({f"array {name}": input_values(kind, shape, generator) for name, (shape, kind) in arrays})
     torch.manual_seed(SEED)
     probe = Net(param, case.phase, source="gpu_check")
+    probe.forward(feeds_for(probe, inputs, torch.device("cpu")))
     for name in probe.outputs:
-        inputs[f"diff {name}"] = torch.randn(probe.blob_shapes[name], generator=generator)
+        inputs[f"diff {name}"] = torch.randn(probe.blob_data[name].shape, generator=generator)
     return inputs
 
 
@@ -308,7 +421,24 @@ def write_files(folder: Path) -> dict[str, str]:
             handle["label"] = torch.arange(5).float().numpy()
         (folder / "h5.txt").write_text(f"{folder / 'data.h5'}\n")
         files["hdf5_list"] = str(folder / "h5.txt")
+    if module_available("lmdb"):
+        files["lmdb"] = write_lmdb(folder / "lmdb")
     return files
+
+
+def write_lmdb(folder: Path) -> str:
+    """An LMDB database of 5 raw 3 x 20 x 20 uint8 datums (labels 0..4) for the Data layer."""
+    import lmdb
+
+    generator = torch.Generator().manual_seed(SEED)
+    environment = lmdb.open(str(folder), map_size=1 << 24)
+    with environment.begin(write=True) as txn:
+        for index in range(5):
+            pixels = torch.randint(0, 256, (3, 20, 20), generator=generator, dtype=torch.uint8)
+            datum = caffe_pb2.Datum(channels=3, height=20, width=20, label=index, data=pixels.numpy().tobytes())
+            txn.put(f"{index:08d}".encode(), datum.SerializeToString())
+    environment.close()
+    return str(folder)
 
 
 SMALL_NET = """name: "small"
@@ -343,11 +473,11 @@ def small_solver(files: dict[str, str], prefix: str, max_iter: int = 5) -> caffe
 
 def solver_row(device: torch.device, files: dict[str, str], folder: Path) -> Row:
     """5 SGD iterations on each device: the weights and momentum history."""
-    from rloss.solver import SGDSolver
+    from rloss.solver import Solver
 
     states = []
     for where in (torch.device("cpu"), device):
-        solver = SGDSolver(small_solver(files, str(folder / "solver")), device=where)
+        solver = Solver(small_solver(files, str(folder / "solver")), device=where)
         solver.step(5)
         state = {f"weight {i}": p.tensor.detach().cpu() for i, p in enumerate(solver.net.learnable)}
         state.update({f"history {i}": h.detach().cpu() for i, h in enumerate(solver.history)})

@@ -25,7 +25,7 @@ from rloss.io import read_net_param, read_solver_state
 from rloss.layers import layer_class
 from rloss.proto import caffe_pb2
 from rloss.proto.blob import blob_to_array
-from rloss.solver import SGDSolver
+from rloss.solver import Solver
 
 TRAIN_IMAGES = 5  # batches of 2: 3 batches per pass, so ranks' batches straddle passes and reshuffles
 NET = """name: "tinyseg"
@@ -95,7 +95,7 @@ def assert_same_run(actual: list[np.ndarray], expected: list[np.ndarray]) -> Non
 def one_process(dataset, tmp_path_factory) -> list[np.ndarray]:
     """One process at iter_size 2: the run the 2-rank runs must equal."""
     folder = tmp_path_factory.mktemp("single")
-    solver = SGDSolver(write_solver(folder, write_net(folder, dataset), iter_size=2))
+    solver = Solver(write_solver(folder, write_net(folder, dataset), iter_size=2))
     solver.solve()
     for layer in solver.net.data_layers():
         layer.close()
@@ -134,7 +134,7 @@ def test_a_two_rank_state_resumes_on_two_ranks_and_on_one(two_ranks, one_process
     resumed = torchrun(2, f"--solver={again}", f"--snapshot={state}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(snapshot_arrays(tmp_path / "again" / "snap", 5), one_process)
-    alone = SGDSolver(write_solver(tmp_path / "alone", write_net(tmp_path, dataset), iter_size=2))
+    alone = Solver(write_solver(tmp_path / "alone", write_net(tmp_path, dataset), iter_size=2))
     alone.solve(resume_file=state)
     for layer in alone.net.data_layers():
         layer.close()

@@ -35,7 +35,7 @@ from rloss.proto import blob as blob_module
 from rloss.proto import caffe_pb2
 from rloss.proto.compat import is_repeated
 from rloss.proto.text import expand_variables, read_text
-from rloss.solver import SGDSolver
+from rloss.solver import Solver
 
 SEED = 20240611
 TEXT_CASES = 2000
@@ -489,7 +489,7 @@ def test_fuzz_prototxt(fuzzing, tmp_path):
     assert outcomes.get("forward", 0) > TEXT_CASES // 10, outcomes  # the mutations leave many nets runnable
 
 
-def make_snapshot(directory: Path) -> tuple[SGDSolver, Path, Path]:
+def make_snapshot(directory: Path) -> tuple[Solver, Path, Path]:
     """A solver on the vision net after one iteration, and its snapshot (model, state) as rloss writes
     them (the bases of the binary cases: `model_case(i, model.read_bytes())` replays case i). The state
     names its model without the directory (found beside it), so that its bytes do not depend on where
@@ -497,7 +497,7 @@ def make_snapshot(directory: Path) -> tuple[SGDSolver, Path, Path]:
     param = caffe_pb2.SolverParameter(base_lr=0.01, lr_policy="fixed", momentum=0.9, max_iter=1, random_seed=SEED,
                                       snapshot_prefix=str(directory / "snap"), display=0)
     param.net_param.CopyFrom(text_format.Parse(VISION_NET, caffe_pb2.NetParameter()))
-    solver = SGDSolver(param)
+    solver = Solver(param)
     solver.step(1)
     solver.snapshot()
     model, state = directory / "snap_iter_1.caffemodel", directory / "snap_iter_1.solverstate"
@@ -508,7 +508,7 @@ def make_snapshot(directory: Path) -> tuple[SGDSolver, Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def snapshot(tmp_path_factory) -> tuple[SGDSolver, Path, Path]:
+def snapshot(tmp_path_factory) -> tuple[Solver, Path, Path]:
     return make_snapshot(tmp_path_factory.mktemp("snapshot"))
 
 

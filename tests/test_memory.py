@@ -101,13 +101,13 @@ def test_estimate_is_within_a_quarter_of_the_peak_rss_of_training(tmp_path):
     measured = run_python(f"""
         import json, threading, torch
         torch.set_num_threads(2)
-        from rloss.solver import SGDSolver
+        from rloss.solver import Solver
 
         def anonymous() -> int:  # resident anonymous memory: code pages faulted in later do not count
             status = open("/proc/self/status").read()
             return int(status.split("RssAnon:")[1].split()[0]) * 1024
 
-        solver = SGDSolver({str(solver)!r})
+        solver = Solver({str(solver)!r})
         before, peak, done = anonymous(), [0], threading.Event()
 
         def sample() -> None:
@@ -232,7 +232,7 @@ def test_ranks_on_one_host_share_its_memory(monkeypatch):
 
 
 def test_train_refuses_a_batch_no_machine_holds(tmp_path):
-    """`python -m rloss train` stops at SGDSolver's check with the message, before any iteration."""
+    """`python -m rloss train` stops at Solver's check with the message, before any iteration."""
     solver = solver_for(tmp_path, huge_net(tmp_path))
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "rloss", "train", f"--solver={solver}"], capture_output=True,

@@ -25,7 +25,7 @@ from rloss.proto import caffe_pb2
 from rloss.proto.blob import blob_to_array
 from rloss.proto.compat import has_unknown_fields, message_class
 from rloss.proto.schema import parse_proto
-from rloss.solver import SGDSolver
+from rloss.solver import Solver
 
 MEAN = "mean_value: 104 mean_value: 117 mean_value: 123"
 SEG_NET = """name: "tinyseg"
@@ -106,15 +106,15 @@ def solver_file(folder: Path, net: Path, snapshot: int, **fields) -> Path:
     return path
 
 
-def close(solver: SGDSolver) -> None:
+def close(solver: Solver) -> None:
     """Stop the data layers' background loaders."""
     for net in [solver.net, *solver.test_nets]:
         for layer in net.layers:
             getattr(layer, "close", lambda: None)()
 
 
-def uninterrupted(folder: Path, net: Path, snapshot: int, **fields) -> SGDSolver:
-    solver = SGDSolver(solver_file(folder, net, snapshot, **fields))
+def uninterrupted(folder: Path, net: Path, snapshot: int, **fields) -> Solver:
+    solver = Solver(solver_file(folder, net, snapshot, **fields))
     solver.solve()
     close(solver)
     return solver
@@ -122,26 +122,26 @@ def uninterrupted(folder: Path, net: Path, snapshot: int, **fields) -> SGDSolver
 
 def stop_at_snapshot(folder: Path, net: Path, snapshot: int, **fields) -> Path:
     """Train up to the first snapshot and stop there (as a Ctrl-C would); the state file."""
-    solver = SGDSolver(solver_file(folder, net, snapshot, **fields))
+    solver = Solver(solver_file(folder, net, snapshot, **fields))
     solver.step(snapshot)
     close(solver)
     extension = ".solverstate.h5" if fields.get("snapshot_format") == "HDF5" else ".solverstate"
     return folder / f"snap_iter_{snapshot}{extension}"
 
 
-def resumed(folder: Path, net: Path, snapshot: int, state: Path, **fields) -> SGDSolver:
+def resumed(folder: Path, net: Path, snapshot: int, state: Path, **fields) -> Solver:
     """A fresh solver (fresh nets, fresh generators) continued from `state` to max_iter."""
-    solver = SGDSolver(solver_file(folder, net, snapshot, **fields))
+    solver = Solver(solver_file(folder, net, snapshot, **fields))
     solver.solve(resume_file=str(state))
     close(solver)
     return solver
 
 
-def trained(solver: SGDSolver) -> list[torch.Tensor]:
+def trained(solver: Solver) -> list[torch.Tensor]:
     return [p.tensor.detach() for p in solver.net.learnable] + list(solver.history)
 
 
-def same_run(first: SGDSolver, second: SGDSolver) -> bool:
+def same_run(first: Solver, second: Solver) -> bool:
     """Bit-identical weights and history, and the data layers at the same place."""
     return (first.iter == second.iter
             and all(torch.equal(a, b) for a, b in zip(trained(first), trained(second)))
@@ -149,7 +149,7 @@ def same_run(first: SGDSolver, second: SGDSolver) -> bool:
             and [n.data_states() for n in first.test_nets] == [n.data_states() for n in second.test_nets])
 
 
-def interrupted_run(tmp_path: Path, net: Path, snapshot: int, **fields) -> SGDSolver:
+def interrupted_run(tmp_path: Path, net: Path, snapshot: int, **fields) -> Solver:
     state = stop_at_snapshot(tmp_path / "first", net, snapshot, **fields)
     return resumed(tmp_path / "resumed", net, snapshot, state, **fields)
 
@@ -267,8 +267,8 @@ def test_a_caffe_state_restores_and_the_data_order_restarts(tmp_path, seg_net, c
     state.ClearField("resume")
     caffe_state = tmp_path / "caffe.solverstate"
     write_message_atomic(state, caffe_state)
-    fresh = SGDSolver(solver_file(tmp_path / "fresh", seg_net, 4))
-    solver = SGDSolver(solver_file(tmp_path / "resumed", seg_net, 4))
+    fresh = Solver(solver_file(tmp_path / "fresh", seg_net, 4))
+    solver = Solver(solver_file(tmp_path / "resumed", seg_net, 4))
     with caplog.at_level(logging.INFO, logger="rloss"):
         solver.restore(caffe_state)
     assert "the data order restarts from the beginning, as in Caffe" in caplog.text
@@ -326,7 +326,7 @@ def test_states_that_do_not_fit_are_refused(tmp_path, seg_net, what, message):
     edit_train_state(state, what)
     edited = tmp_path / "edited.solverstate"
     write_message_atomic(state, edited)
-    solver = SGDSolver(solver_file(tmp_path / "resumed", seg_net, 2))
+    solver = Solver(solver_file(tmp_path / "resumed", seg_net, 2))
     try:
         with pytest.raises(WeightsError, match=message):
             solver.restore(edited)

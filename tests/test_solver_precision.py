@@ -17,7 +17,7 @@ from rloss.errors import PrecisionError
 from rloss.io import read_net_param, read_solver_state
 from rloss.precision import LossScaler
 from rloss.proto.blob import blob_to_array
-from rloss.solver import SGDSolver
+from rloss.solver import Solver
 from tests.test_precision import needs_cpu_fp16
 from tests.test_solver import solver_file
 
@@ -30,8 +30,8 @@ def weights(solver) -> list[torch.Tensor]:
 def test_fp16_scaling_leaves_the_update_unchanged_and_an_overflow_skips_it(tmp_path, caplog):
     """Scales are powers of two, so a scaled-then-unscaled fp16 step equals the update of fp16's
     own gradients; with a scale that overflows float32, the update is skipped and the scale halves."""
-    fp16 = SGDSolver(solver_file(tmp_path / "a", max_iter=1), precision="fp16")
-    unscaled = SGDSolver(solver_file(tmp_path / "b", max_iter=1), precision="fp16")
+    fp16 = Solver(solver_file(tmp_path / "a", max_iter=1), precision="fp16")
+    unscaled = Solver(solver_file(tmp_path / "b", max_iter=1), precision="fp16")
     unscaled.scaler = LossScaler(enabled=False)
     fp16.step(1)
     unscaled.step(1)
@@ -50,12 +50,12 @@ def test_fp16_scaling_leaves_the_update_unchanged_and_an_overflow_skips_it(tmp_p
 
 @needs_cpu_fp16
 def test_the_loss_scale_is_kept_in_the_solver_state(tmp_path):
-    solver = SGDSolver(solver_file(tmp_path / "a", max_iter=2, snapshot=2), precision="fp16")
+    solver = Solver(solver_file(tmp_path / "a", max_iter=2, snapshot=2), precision="fp16")
     solver.scaler = LossScaler(enabled=True, initial=2.0 ** 10, growth_interval=100)
     solver.solve()
     state = read_solver_state(str(tmp_path / "a" / "snap_iter_2.solverstate"))
     assert (state.resume.loss_scale, state.resume.loss_scale_finite_steps) == (2.0 ** 10, 2)
-    resumed = SGDSolver(solver_file(tmp_path / "b", max_iter=2), precision="fp16")
+    resumed = Solver(solver_file(tmp_path / "b", max_iter=2), precision="fp16")
     resumed.restore(tmp_path / "a" / "snap_iter_2.solverstate")
     assert resumed.scaler.state_dict() == {"scale": 2.0 ** 10, "finite_steps": 2}
 

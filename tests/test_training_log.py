@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from rloss.errors import LogError
-from rloss.solver import SGDSolver
+from rloss.solver import Solver
 from rloss.training_log import TrainingLog, parse_line, read_log
 from tests.shared_data import REPO, shared_path
 from tests.test_solver import solver_file, write_dataset
@@ -168,7 +168,7 @@ def test_tensorboard_handler_writes_the_solver_scalars(tmp_path, caplog):
 
     from rloss.tensorboard_log import TensorBoardHandler, attach_tensorboard
 
-    solver = SGDSolver(tiny_solver(tmp_path / "net"))
+    solver = Solver(tiny_solver(tmp_path / "net"))
     detach = attach_tensorboard(str(tmp_path / "tb"))
     try:
         with caplog.at_level(logging.INFO, logger="rloss"):

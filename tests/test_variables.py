@@ -10,7 +10,7 @@ import pytest
 from rloss.errors import VariableError
 from rloss.io import read_net_param
 from rloss.proto.text import read_net
-from rloss.solver import SGDSolver
+from rloss.solver import Solver
 from rloss.variables import ENVIRONMENT_VARIABLES, variable_values
 from tests.test_solver import solver_file, write_dataset
 
@@ -40,10 +40,10 @@ def test_an_unknown_environment_variable_needs_set_and_the_message_says_so(tmp_p
     net = write_dataset(folder)
     net.write_text(net.read_text().replace('name: "tiny"', 'name: "${RLOSS_TEST_SECRET}"'))
     with pytest.raises(VariableError) as info:
-        SGDSolver(solver_file(folder, net=f'"{net}"'))
+        Solver(solver_file(folder, net=f'"{net}"'))
     message = str(info.value)
     assert "--set RLOSS_TEST_SECRET=" in message and "is not used" in message and "hunter2" not in message
-    solver = SGDSolver(solver_file(folder, net=f'"{net}"'), values={"RLOSS_TEST_SECRET": "visible"})
+    solver = Solver(solver_file(folder, net=f'"{net}"'), values={"RLOSS_TEST_SECRET": "visible"})
     solver.step(1)
     solver.snapshot()
     assert read_net_param(solver.snapshot_name(".caffemodel")).name == "visible"
@@ -55,7 +55,7 @@ def test_solver_obeys_its_environ_argument(tmp_path, monkeypatch):
     net.write_text(net.read_text().replace(str(folder / "list.txt"), "${DATA_ROOT}list.txt"))
     solver_path = solver_file(folder, net=f'"{net}"')
     monkeypatch.setenv("DATA_ROOT", "/nowhere/")
-    assert SGDSolver(solver_path, environ={"DATA_ROOT": f"{folder}/"}).net.name == "tiny"
+    assert Solver(solver_path, environ={"DATA_ROOT": f"{folder}/"}).net.name == "tiny"
     monkeypatch.setenv("DATA_ROOT", f"{folder}/")
     with pytest.raises(VariableError, match="DATA_ROOT"):
-        SGDSolver(solver_path, environ={})
+        Solver(solver_path, environ={})

@@ -26,6 +26,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from rloss.models.regularizers import REGULARIZERS as LIBRARY_REGULARIZERS
+from rloss.models.regularizers import add_regularized_loss
+from rloss.netspec import NetBuilder, Var
+
 HERE = Path(__file__).resolve().parent
 HEADER = "# Written by exper/msrc21/make_nets.py; edit that script and rerun it, not this file.\n"
 MEAN = "mean_value: 104.008 mean_value: 116.669 mean_value: 122.675"
@@ -123,6 +127,16 @@ def body(phase: str) -> str:
     return text.replace(BN_PARAM, bn)
 
 
+def library_layer(name: str) -> str:
+    """The layer of rloss's regularizer `name` as the generated phase-2 nets of the original networks carry
+    it (rloss/models/regularizers.py: same kernel, bounds and weight variable), on fc_softmax."""
+    builder = NetBuilder()
+    regularizer = LIBRARY_REGULARIZERS[name]
+    add_regularized_loss(builder, regularizer, "fc_softmax", regularizer.weight, Var("BI_XY_STD"), Var("BI_RGB_STD"))
+    text = builder.text()
+    return text[text.index("layer {"):]
+
+
 REGULARIZERS = {
     "densecrfloss": """layer {
   name: "densecrf_loss" type: "DenseCRFLoss" bottom: "data" bottom: "fc_softmax" top: "densecrf_loss"
@@ -139,7 +153,10 @@ REGULARIZERS = {
   normalized_cut_loss_param { bi_xy_std: ${NC_XY_STD} bi_rgb_std: ${NC_RGB_STD} scale_factor: ${DENSECRF_SCALE} }
 }
 """,
+    "gatedcrfloss": library_layer("gated_crf"),
+    "sizeconstraintloss": library_layer("size_constraint"),
 }
+PHASE2 = tuple(f"trainwith{regularizer}" for regularizer in REGULARIZERS)
 
 LOSS = """layer {
   name: "loss" type: "SoftmaxWithLoss" bottom: "fc_interp" bottom: "label" top: "softmax_loss"
@@ -161,7 +178,7 @@ NET_COMMENT = """# MSRC-21 from scratch at half size: msrc_fov, a narrow LargeFO
 
 
 def net(kind: str) -> str:
-    """kind: train, trainwithdensecrfloss, trainwithnormalizedcutloss or test."""
+    """kind: train, test or a phase-2 net (PHASE2: trainwith<regularizer>)."""
     text = HEADER + NET_COMMENT + f"# {kind}\nname: \"msrc_fov\"\n"
     if kind == "test":
         return text + data_layer("TEST") + body("TEST") + TEST_TAIL
@@ -195,10 +212,9 @@ solver_mode: CPU
 
 
 def files() -> dict[str, str]:
-    out = {f"{kind}.prototxt": net(kind)
-           for kind in ("train", "trainwithdensecrfloss", "trainwithnormalizedcutloss", "test")}
+    out = {f"{kind}.prototxt": net(kind) for kind in ("train", *PHASE2, "test")}
     out["solver.prototxt"] = solver("train")
-    for kind in ("trainwithdensecrfloss", "trainwithnormalizedcutloss"):
+    for kind in PHASE2:
         out[f"solver{kind[len('train'):]}.prototxt"] = solver(kind)
     return out
 

@@ -26,10 +26,13 @@ LABELS = {
     "pce": "partial cross-entropy (phase 1)",
     "densecrf": "+ DenseCRF loss (phase 2)",
     "normalized_cut": "+ normalized cut loss (phase 2)",
+    "gated_crf": "+ Gated CRF loss (phase 2)",
+    "size_constraint": "+ size constraint loss (phase 2)",
     "control": "partial cross-entropy, as long (control)",
     "full": "full supervision",
 }
-SHORT = {"pce": "pCE", "densecrf": "+DenseCRF", "normalized_cut": "+NC", "control": "control", "full": "full"}
+SHORT = {"pce": "pCE", "densecrf": "+DenseCRF", "normalized_cut": "+NC", "gated_crf": "+Gated",
+         "size_constraint": "+Size", "control": "control", "full": "full"}
 
 
 def miou_table(out: Path, seeds: list[str], conditions: list[str], split: str) -> dict[str, dict[str, float]]:
@@ -59,10 +62,12 @@ def markdown(val: dict, train: dict, settings: str, seeds: list[str]) -> str:
     for condition, by_seed in val.items():
         mean, std = mean_std(list(by_seed.values()))
         ratio = f"{mean / full:.3f}" if full else "-"
-        tmean, tstd = mean_std(list(train[condition].values())) if condition in train else (float("nan"), 0.0)
+        on_train = "-"  # not tested on the training images (TEST_SETS without train_full)
+        if train.get(condition):
+            on_train = "{:.2f} +- {:.2f}".format(*mean_std(list(train[condition].values())))
         per_seed = ", ".join(f"{seed}: {value:.2f}" for seed, value in by_seed.items())
         lines.append(f"| {LABELS.get(condition, condition)} | {mean:.2f} +- {std:.2f} | {ratio} | "
-                     f"{tmean:.2f} +- {tstd:.2f} | {per_seed} |")
+                     f"{on_train} | {per_seed} |")
     lines += ["", "Settings: " + " ".join(settings.split()), ""]
     return "\n".join(lines)
 

@@ -6,6 +6,9 @@
 #   pce             phase 1: partial cross-entropy on the scribbles (train.txt), MAX_ITER iterations
 #   densecrf        phase 2 from pce: + DenseCRF loss (DENSECRF_LOSS_WEIGHT, BI_XY_STD, BI_RGB_STD), MAX_ITER2
 #   normalized_cut  phase 2 from pce: + normalized cut loss (NORMALIZED_CUT_LOSS_WEIGHT, NC_XY_STD, NC_RGB_STD)
+#   gated_crf, size_constraint  (not in the default CONDITIONS) phase 2 from pce: + Gated CRF loss
+#                   (GATED_CRF_LOSS_WEIGHT) or + size constraint loss on the scribbles' tags
+#                   (SIZE_CONSTRAINT_LOSS_WEIGHT), the layers of the original networks' phase-2 files
 #   control         phase 2 from pce with DenseCRF weight 0: partial cross-entropy as long as both phases
 #   full            full supervision (train_full.txt): phase 1 then phase 2 (weight 0), as long as the others
 # Each final model is tested on val (mIoU, the reported number) and on train_full (the training images
@@ -70,15 +73,12 @@ OUT=$(absolute "${OUT}")
 if [ -n "${PHASE1_OUT:-}" ]; then PHASE1_OUT=$(absolute "${PHASE1_OUT}"); else PHASE1_OUT=${OUT}; fi
 for v in CONDITIONS="pce densecrf normalized_cut control full" TEST_SETS="val train_full" BASE_LR=0.01 \
          BASE_LR2=0.001 TEST_CROP_SIZE=161 NUM_LABELS=21 BI_XY_STD=30 BI_RGB_STD=15 DENSECRF_SCALE=1 \
-         NORMALIZED_CUT_LOSS_WEIGHT=0.3; do
+         NORMALIZED_CUT_LOSS_WEIGHT=0.3 GATED_CRF_LOSS_WEIGHT=20 SIZE_CONSTRAINT_LOSS_WEIGHT=0.3 \
+         DENSECRF_LOSS_WEIGHT=2.5e-7; do  # the DenseCRF weight of the seed-1 sweep (README.md here)
   default "${v%%=*}" "${v#*=}"
 done
 default NC_XY_STD "${BI_XY_STD}"
 default NC_RGB_STD "${BI_RGB_STD}"
-# The DenseCRF loss weight of the size rule (rloss/presets.py: the demo's balance at this crop and sigma_xy).
-default DENSECRF_LOSS_WEIGHT "$(${PYTHON} -c "import sys; from rloss.presets import densecrf_weight as w
-print('%.3g' % w(int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])))" \
-  "${CROP_SIZE}" "${DENSECRF_SCALE}" "${BI_XY_STD}")"
 PRECISION_FLAG=${PRECISION:+--precision=${PRECISION}}
 # THREADS=N: torch's and the lattice's threads (default torch's, one a core). On cores that other jobs share,
 # THREADS=1 can be several times faster than two threads waiting for each other.
@@ -105,7 +105,8 @@ echo "taken from the defaults:${DEFAULTED}"
 
 VARS=()
 for v in DATA_ROOT LIST_DIR NUM_LABELS BATCH_SIZE CROP_SIZE TEST_CROP_SIZE MAX_ITER MAX_ITER2 BASE_LR BASE_LR2 DISPLAY \
-         DENSECRF_LOSS_WEIGHT BI_XY_STD BI_RGB_STD DENSECRF_SCALE NORMALIZED_CUT_LOSS_WEIGHT NC_XY_STD NC_RGB_STD; do
+         DENSECRF_LOSS_WEIGHT BI_XY_STD BI_RGB_STD DENSECRF_SCALE NORMALIZED_CUT_LOSS_WEIGHT NC_XY_STD NC_RGB_STD \
+         GATED_CRF_LOSS_WEIGHT SIZE_CONSTRAINT_LOSS_WEIGHT; do
   VARS+=(--set "${v}=${!v}")
 done
 
@@ -131,39 +132,55 @@ run() {
 }
 
 wants() { case " ${CONDITIONS} " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+wants_phase2() {  # any condition that starts from the pCE model
+  local condition
+  for condition in densecrf normalized_cut gated_crf size_constraint control; do
+    if wants "${condition}"; then return 0; fi
+  done
+  return 1
+}
 model_of() {  # model_of SEED CONDITION: the final snapshot of that condition
   case "$2" in
     pce) echo "${PHASE1_OUT}/model/seed$1/pce/train_iter_${MAX_ITER}.caffemodel" ;;
     densecrf) echo "${OUT}/model/seed$1/densecrf/trainwithdensecrfloss_iter_${MAX_ITER2}.caffemodel" ;;
     normalized_cut) echo "${OUT}/model/seed$1/normalized_cut/trainwithnormalizedcutloss_iter_${MAX_ITER2}.caffemodel" ;;
+    gated_crf) echo "${OUT}/model/seed$1/gated_crf/trainwithgatedcrfloss_iter_${MAX_ITER2}.caffemodel" ;;
+    size_constraint) echo "${OUT}/model/seed$1/size_constraint/trainwithsizeconstraintloss_iter_${MAX_ITER2}.caffemodel" ;;
     control) echo "${OUT}/model/seed$1/control/trainwithdensecrfloss_iter_${MAX_ITER2}.caffemodel" ;;
     full) echo "${OUT}/model/seed$1/full/trainwithdensecrfloss_iter_${MAX_ITER2}.caffemodel" ;;
     full_phase1) echo "${OUT}/model/seed$1/full_phase1/train_iter_${MAX_ITER}.caffemodel" ;;
   esac
 }
-train() {  # train SEED NAME SOLVER [ARGS...]
+train() {  # train SEED NAME SOLVER [ARGS...]: NAME's final model must exist afterwards
   local seed=$1 name=$2 solver=$3; shift 3
   mkdir -p "${OUT}/model/seed${seed}/${name}" "${LOG_DIR}/seed${seed}"
   run "${name} (seed ${seed})" "${LOG_DIR}/seed${seed}/${name}.log" ${RLOSS} train --solver="${CONFIG_DIR}/${solver}" \
     ${PRECISION_FLAG} "${VARS[@]}" --set SEED="${seed}" --set MODEL_DIR="${OUT}/model/seed${seed}/${name}" "$@"
+  if [ ! -f "$(model_of "${seed}" "${name}")" ]; then  # stopped early (a signal, a stop request)
+    echo "msrc21: ${name} (seed ${seed}) ended without its final model $(model_of "${seed}" "${name}");" \
+         "its log is ${LOG_DIR}/seed${seed}/${name}.log" >&2
+    exit 1
+  fi
 }
 
 for seed in ${SEEDS}; do
   PCE=$(model_of "${seed}" pce)
   if [ "${PHASE1_OUT}" != "${OUT}" ]; then
-    if { wants pce || wants densecrf || wants normalized_cut || wants control; } && [ ! -f "${PCE}" ]; then
+    if { wants pce || wants_phase2; } && [ ! -f "${PCE}" ]; then
       echo "msrc21: no phase-1 model ${PCE} (PHASE1_OUT=${PHASE1_OUT})" >&2
       exit 2
     fi
-  elif wants pce || { [ ! -f "${PCE}" ] && { wants densecrf || wants normalized_cut || wants control; }; }; then
+  elif wants pce || { [ ! -f "${PCE}" ] && wants_phase2; }; then
     train "${seed}" pce solver.prototxt --set TRAIN_SET=train
   fi
   if wants densecrf; then
     train "${seed}" densecrf solverwithdensecrfloss.prototxt --set TRAIN_SET=train --weights="${PCE}"
   fi
-  if wants normalized_cut; then
-    train "${seed}" normalized_cut solverwithnormalizedcutloss.prototxt --set TRAIN_SET=train --weights="${PCE}"
-  fi
+  for regularizer in normalized_cut gated_crf size_constraint; do
+    if wants "${regularizer}"; then
+      train "${seed}" "${regularizer}" "solverwith${regularizer//_/}loss.prototxt" --set TRAIN_SET=train --weights="${PCE}"
+    fi
+  done
   if wants control; then
     train "${seed}" control solverwithdensecrfloss.prototxt --set TRAIN_SET=train --weights="${PCE}" \
       --set DENSECRF_LOSS_WEIGHT=0
@@ -193,7 +210,8 @@ run report "${LOG_DIR}/report.log" ${PYTHON} exper/msrc21/report.py --out "${OUT
   --settings "MAX_ITER=${MAX_ITER} MAX_ITER2=${MAX_ITER2} BATCH_SIZE=${BATCH_SIZE} CROP_SIZE=${CROP_SIZE}
   BASE_LR=${BASE_LR} BASE_LR2=${BASE_LR2} DENSECRF_LOSS_WEIGHT=${DENSECRF_LOSS_WEIGHT} BI_XY_STD=${BI_XY_STD}
   BI_RGB_STD=${BI_RGB_STD} DENSECRF_SCALE=${DENSECRF_SCALE} NORMALIZED_CUT_LOSS_WEIGHT=${NORMALIZED_CUT_LOSS_WEIGHT}
-  NC_XY_STD=${NC_XY_STD} NC_RGB_STD=${NC_RGB_STD} PRECISION=${PRECISION:-fp32} QUICK=${QUICK}"
+  NC_XY_STD=${NC_XY_STD} NC_RGB_STD=${NC_RGB_STD} GATED_CRF_LOSS_WEIGHT=${GATED_CRF_LOSS_WEIGHT}
+  SIZE_CONSTRAINT_LOSS_WEIGHT=${SIZE_CONSTRAINT_LOSS_WEIGHT} PRECISION=${PRECISION:-fp32} QUICK=${QUICK}"
 cat "${OUT}/results/summary.md"
 echo
 echo "test net: ${REPO}/${CONFIG_DIR}/test.prototxt (score another split with:" \

@@ -1,4 +1,4 @@
-"""`python -m rloss {train,test,time,device_query,infer,plot,data} [flags]`: caffe.bin's commands and flags
+"""`python -m rloss {train,test,time,device_query,infer,plot,data,upgrade} [flags]`: caffe.bin's commands and flags
 (`--solver=PATH` and `--solver PATH` both work, as do gflags' single-dash forms), plus `--set VAR=VALUE`.
 
 * `train`: as `caffe.bin train` (see rloss.cli.train).
@@ -10,6 +10,7 @@
   DenseCRF post-processing and MatWrite .mat features; see rloss.cli.infer).
 * `plot`: training curves of our logs and caffe.bin's as a figure, and a CSV (see rloss.cli.plot).
 * `data`: prepare, check and make one's own datasets (prepare, check, scribbles, scribblesup; see rloss.cli.data).
+* `upgrade IN OUT`: an old net, solver or .caffemodel in the V2 form (see rloss.cli.upgrade).
 
 `test`, `time` and `infer` take `--precision {fp32,bf16,fp16}` (rloss.precision), `test` and `time`
 `--checkpoint_activations`.
@@ -30,11 +31,12 @@ from rloss.cli.infer import add_infer_flags, check_infer_args, infer
 from rloss.cli.plot import add_plot_flags, plot
 from rloss.cli.timing import device_query, time_command
 from rloss.cli.train import add_train_flags, check_train_args, train
+from rloss.cli.upgrade import add_upgrade_flags, upgrade
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rloss", description="caffe.bin's commands on PyTorch.")
-    commands = parser.add_subparsers(dest="command", metavar="{train,test,time,device_query,infer,plot,data}")
+    commands = parser.add_subparsers(dest="command", metavar="{train,test,time,device_query,infer,plot,data,upgrade}")
     commands.required = True
     train_parser = commands.add_parser("train", help="train a solver file")
     train_parser.add_argument("--solver", "-solver", default="", help="solver prototxt")
@@ -50,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_set_flag(infer_parser)
     add_plot_flags(commands.add_parser("plot", help="draw training curves of logs (and write them as CSV)"))
     add_data_parser(commands)
+    add_upgrade_flags(commands.add_parser("upgrade", help="write an old net, solver or model in the V2 form"))
     return parser
 
 
@@ -69,7 +72,7 @@ def infer_command(args: argparse.Namespace) -> None:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "train": train, "test": test, "time": time_command, "device_query": device_query, "infer": infer_command,
-    "plot": plot, "data": data,
+    "plot": plot, "data": data, "upgrade": upgrade,
 }
 
 

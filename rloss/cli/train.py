@@ -15,7 +15,7 @@ from rloss import distributed
 from rloss.cli.common import add_checkpoint_flag, add_precision_flag, add_set_flag, log_device, run
 from rloss.device import cuda_or_cpu, parse_gpu_ids
 from rloss.errors import DistributedError, RlossError
-from rloss.solver import SGDSolver
+from rloss.solver import Solver
 from rloss.tensorboard_log import attach_tensorboard
 from rloss.variables import parse_assignments
 
@@ -84,7 +84,7 @@ def _solve(args: argparse.Namespace, gpu_ids: list[int], ranks: distributed.Rank
     device = None
     if gpu_ids:
         device = cuda_or_cpu(distributed.rank_gpu(gpu_ids, ranks) if ranks.size > 1 else gpu_ids[0])
-    solver = SGDSolver(args.solver, values=parse_assignments(args.set), device=device,
+    solver = Solver(args.solver, values=parse_assignments(args.set), device=device,
                        sigint_effect=args.sigint_effect, sighup_effect=args.sighup_effect,
                        precision=args.precision, checkpoint_activations=args.checkpoint_activations)
     log_device(solver.device)

@@ -22,7 +22,7 @@ LOG_FLT_MIN = math.log(float(np.finfo(np.float32).tiny))
 _MODE = caffe_pb2.LossParameter
 
 
-def _label_layout(layer: Layer, bottom_shapes: list[Shape], axis: int) -> tuple[int, int, int]:
+def label_layout(layer: Layer, bottom_shapes: list[Shape], axis: int) -> tuple[int, int, int]:
     """(outer, classes, inner) of the scores around the class axis, after checking that the label
     bottom holds one label per prediction (outer * inner of them)."""
     scores, labels = bottom_shapes[0], bottom_shapes[1]
@@ -35,7 +35,7 @@ def _label_layout(layer: Layer, bottom_shapes: list[Shape], axis: int) -> tuple[
     return outer, classes, inner
 
 
-def _checked_labels(layer: Layer, labels: torch.Tensor, ignore_label: int | None, classes: int):
+def checked_labels(layer: Layer, labels: torch.Tensor, ignore_label: int | None, classes: int):
     """(integer labels truncated towards zero, mask of the counted ones); raises if a counted label
     is outside [0, classes)."""
     int_labels = labels.detach().to(torch.int64)
@@ -49,11 +49,11 @@ def _checked_labels(layer: Layer, labels: torch.Tensor, ignore_label: int | None
     return int_labels, counted
 
 
-def _optional_ignore_label(param) -> int | None:
+def optional_ignore_label(param) -> int | None:
     return int(param.ignore_label) if param.HasField("ignore_label") else None
 
 
-def _normalization_mode(loss_param) -> int:
+def normalization_mode(loss_param) -> int:
     """`normalization` when given, else the legacy `normalize` flag (true: VALID, false: BATCH_SIZE),
     else VALID (the fork's default)."""
     if loss_param.HasField("normalization"):
@@ -61,6 +61,18 @@ def _normalization_mode(loss_param) -> int:
     if loss_param.HasField("normalize"):
         return _MODE.VALID if loss_param.normalize else _MODE.BATCH_SIZE
     return _MODE.VALID
+
+
+def caffe_normaliser(mode: int, valid: torch.Tensor, outer: int, inner: int) -> torch.Tensor | float:
+    """BVLC's get_normalizer: FULL outer * inner, VALID the counted predictions (`valid`), BATCH_SIZE
+    outer, NONE 1; never below 1, so that a batch with nothing counted has loss 0, not NaN."""
+    if mode == _MODE.VALID:
+        return valid.clamp(min=1)
+    if mode == _MODE.FULL:
+        return float(max(1, outer * inner))
+    if mode == _MODE.BATCH_SIZE:
+        return float(max(1, outer))
+    return 1.0
 
 
 @register_layer("SoftmaxWithLoss")
@@ -79,37 +91,28 @@ class SoftmaxWithLoss(Layer):
 
     def setup(self, bottom_shapes: list[Shape]) -> None:
         loss_param = self.param.loss_param
-        self.ignore_label = _optional_ignore_label(loss_param)
-        self.normalization = _normalization_mode(loss_param)
+        self.ignore_label = optional_ignore_label(loss_param)
+        self.normalization = normalization_mode(loss_param)
         self.axis = self.canonical_axis(self.param.softmax_param.axis, bottom_shapes[0])
 
     def reshape(self, bottom_shapes: list[Shape]) -> list[Shape]:
-        _label_layout(self, bottom_shapes, self.axis)
+        label_layout(self, bottom_shapes, self.axis)
         return [()] + [bottom_shapes[0]] * (self.num_tops - 1)
 
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
-        outer, classes, inner = _label_layout(self, [tuple(scores.shape), tuple(labels.shape)], self.axis)
-        int_labels, counted = _checked_labels(self, labels, self.ignore_label, classes)
+        outer, classes, inner = label_layout(self, [tuple(scores.shape), tuple(labels.shape)], self.axis)
+        int_labels, counted = checked_labels(self, labels, self.ignore_label, classes)
         int_labels, counted = int_labels.reshape(outer, 1, inner), counted.reshape(outer, inner)
         log_p = torch.log_softmax(scores, dim=self.axis).reshape(outer, classes, inner)
         picked = log_p.gather(1, torch.where(counted[:, None], int_labels, 0)).squeeze(1)
         # Caffe clamps p at FLT_MIN in the value only; its gradient stays p - onehot everywhere.
         picked = picked + (picked.clamp(min=LOG_FLT_MIN) - picked).detach()
         total = -torch.where(counted, picked, torch.zeros_like(picked)).sum()
-        loss = total / self._normaliser(counted, outer, inner)
+        loss = total / caffe_normaliser(self.normalization, counted.sum(), outer, inner)
         tops = [loss]
         if self.num_tops > 1:
             tops.append(torch.softmax(scores.detach(), dim=self.axis))
         return tops
-
-    def _normaliser(self, counted: torch.Tensor, outer: int, inner: int) -> torch.Tensor | float:
-        if self.normalization == _MODE.VALID:
-            return counted.sum().clamp(min=1)
-        if self.normalization == _MODE.FULL:
-            return float(max(1, outer * inner))
-        if self.normalization == _MODE.BATCH_SIZE:
-            return float(max(1, outer))
-        return 1.0
 
 
 @register_layer("Accuracy")
@@ -125,18 +128,18 @@ class Accuracy(Layer):
     def setup(self, bottom_shapes: list[Shape]) -> None:
         accuracy_param = self.param.accuracy_param
         self.top_k = int(accuracy_param.top_k)
-        self.ignore_label = _optional_ignore_label(accuracy_param)
+        self.ignore_label = optional_ignore_label(accuracy_param)
         self.axis = self.canonical_axis(accuracy_param.axis, bottom_shapes[0])
 
     def reshape(self, bottom_shapes: list[Shape]) -> list[Shape]:
-        _, classes, _ = _label_layout(self, bottom_shapes, self.axis)
+        _, classes, _ = label_layout(self, bottom_shapes, self.axis)
         if not 1 <= self.top_k <= classes:
             raise self.error(f"top_k {self.top_k} must be in [1, {classes}] (the number of classes)")
         return [()] + [(classes,)] * (self.num_tops - 1)
 
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
-        outer, classes, inner = _label_layout(self, [tuple(scores.shape), tuple(labels.shape)], self.axis)
-        int_labels, counted = _checked_labels(self, labels, self.ignore_label, classes)
+        outer, classes, inner = label_layout(self, [tuple(scores.shape), tuple(labels.shape)], self.axis)
+        int_labels, counted = checked_labels(self, labels, self.ignore_label, classes)
         int_labels, counted = int_labels.reshape(outer, inner), counted.reshape(outer, inner)
         safe = torch.where(counted, int_labels, 0)
         hits = counted & self._in_top_k(scores.detach().reshape(outer, classes, inner), safe)

@@ -28,12 +28,25 @@ from rloss.proto import caffe_pb2
 FLT_MAX = 3.4028234663852886e38  # Caffe's initial MAX-pooling value and our padding value
 
 
-def _filler(message, name: str):
+def optional_filler(message, name: str):
     """The FillerParameter `name` of `message` when the prototxt gives it, else None (constant 0)."""
     return getattr(message, name) if message.HasField(name) else None
 
 
 # ---- Convolution and Deconvolution ----------------------------------------------------------
+
+
+def conv_window(layer: Layer, cp) -> tuple[Pair, Pair, Pair, Pair]:
+    """(kernel, stride, pad, dilation) of a ConvolutionParameter with Caffe's defaults (stride 1,
+    pad 0, dilation 1); kernel, stride and dilation must be > 0 (Convolution, Im2col)."""
+    kernel = conv_pair(layer, cp, "kernel_size", None)
+    stride = conv_pair(layer, cp, "stride", 1)
+    pad = conv_pair(layer, cp, "pad", 0)
+    dilation = conv_pair(layer, cp, "dilation", 1)
+    for what, pair in (("kernel size", kernel), ("stride", stride), ("dilation", dilation)):
+        if min(pair) <= 0:
+            raise layer.error(f"{what} must be > 0, got {pair}")
+    return kernel, stride, pad, dilation
 
 
 class _ConvolutionBase(Layer):
@@ -51,25 +64,15 @@ class _ConvolutionBase(Layer):
         self._check_bottom(bottom_shapes[0], 0)
         if self.canonical_axis(cp.axis, bottom_shapes[0]) != 1:
             raise self.error(f"only axis 1 (channels of a 4-D blob) is supported, got axis {cp.axis}")
-        self.kernel = conv_pair(self, cp, "kernel_size", None)
-        self.stride = conv_pair(self, cp, "stride", 1)
-        self.pad = conv_pair(self, cp, "pad", 0)
-        self.dilation = conv_pair(self, cp, "dilation", 1)
-        for what, pair in (
-            ("kernel size", self.kernel),
-            ("stride", self.stride),
-            ("dilation", self.dilation),
-        ):
-            if min(pair) <= 0:
-                raise self.error(f"{what} must be > 0, got {pair}")
+        self.kernel, self.stride, self.pad, self.dilation = conv_window(self, cp)
         self.channels = bottom_shapes[0][1]
         self.num_output = int(cp.num_output)
         self.group = int(cp.group)
         self._check_groups()
-        self.add_blob(self.weight_shape(), _filler(cp, "weight_filler"))
+        self.add_blob(self.weight_shape(), optional_filler(cp, "weight_filler"))
         self.bias_term = bool(cp.bias_term)
         if self.bias_term:
-            self.add_blob((self.num_output,), _filler(cp, "bias_filler"))
+            self.add_blob((self.num_output,), optional_filler(cp, "bias_filler"))
 
     def _check_groups(self) -> None:
         if self.num_output <= 0:
@@ -166,10 +169,10 @@ class InnerProduct(Layer):
         self.inputs = math.prod(shape[self.axis :])
         self.transpose = bool(ip.transpose)
         weight = (self.inputs, self.num_output) if self.transpose else (self.num_output, self.inputs)
-        self.add_blob(weight, _filler(ip, "weight_filler"))
+        self.add_blob(weight, optional_filler(ip, "weight_filler"))
         self.bias_term = bool(ip.bias_term)
         if self.bias_term:
-            self.add_blob((self.num_output,), _filler(ip, "bias_filler"))
+            self.add_blob((self.num_output,), optional_filler(ip, "bias_filler"))
 
     def reshape(self, bottom_shapes: list[Shape]) -> list[Shape]:
         shape = bottom_shapes[0]
@@ -221,7 +224,7 @@ def _window_counts(
     return (ends - starts).clamp(min=1).to(like.dtype)
 
 
-def _max_pool(
+def max_pool(
     x: torch.Tensor, kernel: Pair, stride: Pair, pad: Pair, out: Pair, with_mask: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """MAX pooling over real pixels only, ties to the first in row-major order; the optional mask
@@ -243,7 +246,7 @@ def _max_pool(
     return y, mask.to(x.dtype)
 
 
-def _ave_pool(x: torch.Tensor, kernel: Pair, stride: Pair, pad: Pair, out: Pair) -> torch.Tensor:
+def ave_pool(x: torch.Tensor, kernel: Pair, stride: Pair, pad: Pair, out: Pair) -> torch.Tensor:
     """AVE pooling: sum of the real pixels over a divisor that counts padding up to image + pad."""
     if _native_pooling_ok(tuple(x.shape[-2:]), kernel, stride, pad):
         return F.avg_pool2d(x, kernel, stride, pad, ceil_mode=True, count_include_pad=True)
@@ -317,8 +320,8 @@ class Pooling(Layer):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
         kernel, stride, out = self._geometry(tuple(x.shape))
         if self.method == caffe_pb2.PoolingParameter.AVE:
-            return [_ave_pool(x, kernel, stride, self.pad, out)]
-        y, mask = _max_pool(x, kernel, stride, self.pad, out, self.num_tops == 2)
+            return [ave_pool(x, kernel, stride, self.pad, out)]
+        y, mask = max_pool(x, kernel, stride, self.pad, out, self.num_tops == 2)
         return [y] if mask is None else [y, mask]
 
 

@@ -4,17 +4,26 @@ deprecated solver enum `solver_type`, and the `input`/`input_dim`/`input_shape` 
 Old DeepLab files also use V1 enum names for the fork's own layers (`type: INTERP`) and the fork's
 parameter messages inside `layers { }` (`interp_param { ... }`); neither exists in the V1 schema, so
 `prepare_v1_text` takes them out of the text before parsing and `upgrade_v1_net` puts them back.
+
+DeepLab v1 (deeplab-public, the fork before DeepLab v2) has fields of its own, which our schema holds
+for reading old files (`upgrade_deeplab_v1_fields` turns them into their V2 form):
+`convolution_param { hole }` (or hole_h/hole_w) is `dilation`; a V1 layer's `softmaxloss_param` becomes
+`loss_param`; `image_data_param { has_label: false }` is `label_type: NONE`; a V1 layer's
+`strict_dim` (copy weights by value count only) has no V2 form and is dropped.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 from rloss.errors import NetError, ProtoError
 from rloss.proto import caffe_pb2
-from rloss.proto.compat import is_repeated
+from rloss.proto.compat import has_unknown_fields, is_repeated
+
+log = logging.getLogger("rloss")
 
 V1_TYPE_NAMES = {
     "NONE": "", "ABSVAL": "AbsVal", "ACCURACY": "Accuracy", "ARGMAX": "ArgMax", "BNLL": "BNLL",
@@ -109,8 +118,7 @@ def prepare_v1_text(text: str) -> V1Text:
     """Rewrite the `layers { }` entries of a net's text so the V1 schema can parse it."""
     if not _V1_HINT.search(text):
         return V1Text(text)
-    tokens = [_Token(m.lastgroup, m.group(), m.start(), m.end())
-              for m in _TOKEN.finditer(text) if m.lastgroup != "skip"]
+    tokens = _tokens(text)
     result = V1Text(text)
     type_tokens: list[_Token] = []
     moved: dict[int, list[tuple[int, int]]] = {}
@@ -123,6 +131,12 @@ def prepare_v1_text(text: str) -> V1Text:
     return result
 
 
+def _tokens(text: str) -> list[_Token]:
+    """The text's tokens, without white space and comments."""
+    return [_Token(m.lastgroup, m.group(), m.start(), m.end())
+            for m in _TOKEN.finditer(text) if m.lastgroup != "skip"]
+
+
 def _scan_top_level(tokens, types, type_tokens, moved) -> None:
     """Walk the NetParameter's fields, looking inside each `layers` entry."""
     index, position = -1, 0
@@ -132,6 +146,21 @@ def _scan_top_level(tokens, types, type_tokens, moved) -> None:
             index += 1
             _scan_v1_layer(tokens, value + 1, end - 1, index, types, type_tokens, moved)
         position = end
+
+
+def top_level_field_names(text: str) -> list[str]:
+    """The names of the message's own fields in a text proto, in order (as far as the text is
+    well-formed: a parse error there is the parser's to report)."""
+    tokens = _tokens(text)
+    names, position = [], 0
+    try:
+        while position < len(tokens):
+            name = tokens[position].text
+            position = _field_extent(tokens, position)[1]
+            names.append(name)
+    except _Malformed:
+        pass
+    return names
 
 
 def _scan_v1_layer(tokens, position, stop, index, types, type_tokens, moved) -> None:
@@ -206,11 +235,13 @@ def _isolate(text: str, spans: list[tuple[int, int]]) -> str:
 
 def upgrade_v1_net(net, source: str, types: dict[int, str] | None = None,
                    extras: dict[int, object] | None = None):
-    """The net with its V1 `layers` turned into V2 `layer` entries (returned as is when it has none).
+    """The net with its V1 `layers` turned into V2 `layer` entries (when it has none: the net itself),
+    DeepLab v1's fields upgraded in either case.
 
     `types`/`extras` (by `layers` index) are the fork-only types and LayerParameter fields that
     `prepare_v1_text` took out of the text."""
     if not len(net.layers):
+        upgrade_deeplab_v1_fields(net.layer, source)
         return net
     if len(net.layer):
         raise ProtoError(
@@ -227,11 +258,13 @@ def upgrade_v1_net(net, source: str, types: dict[int, str] | None = None,
             layer.type = types[index]
         if index in extras:
             layer.MergeFrom(extras[index])
+    upgrade_deeplab_v1_fields(upgraded.layer, source)
     return upgraded
 
 
 def _upgrade_layer(v1, layer, source: str, index: int) -> None:
-    """One V1 layer into `layer`: copied fields, type string, ParamSpecs, data transform."""
+    """One V1 layer into `layer`: copied fields, type string, ParamSpecs, data transform (DeepLab v1's
+    `strict_dim`, a weight-loading switch V2 lacks, is left behind)."""
     if v1.HasField("layer"):
         raise ProtoError(
             f"{source}: layer #{index} ('{v1.name}') uses the V0 format (a `layer` block inside `layers`), "
@@ -268,6 +301,93 @@ def _add_param_specs(v1, layer) -> None:
         spec.lr_mult = lr_mult
     for spec, decay_mult in zip(specs, v1.weight_decay):
         spec.decay_mult = decay_mult
+
+
+# ---- DeepLab v1 --------------------------------------------------------------------------------------
+
+_HOLE_FIELDS = ("hole", "hole_h", "hole_w")
+_LABEL_TYPE = caffe_pb2.ImageDataParameter.LabelType
+_NO_LABEL = caffe_pb2.ImageDataParameter.NONE
+
+
+def upgrade_deeplab_v1_fields(layers, source: str) -> None:
+    """DeepLab v1's own fields of V2 `layers` (in place) in their V2 form, or our error naming the layer."""
+    for index, layer in enumerate(layers):
+        where = f"{source}: layer #{index} ('{layer.name}')"
+        if layer.HasField("convolution_param"):
+            _holes_to_dilation(layer.convolution_param, where)
+        if layer.HasField("image_data_param"):
+            _has_label_to_label_type(layer.image_data_param, where)
+        if layer.HasField("softmaxloss_param"):
+            _softmaxloss_to_loss_param(layer, where)
+
+
+def _holes_to_dilation(param, where: str) -> None:
+    """v1's hole (both axes) or hole_h and hole_w (its CHECK allows nothing else) spread the filter taps
+    as dilation does: same output size, same sums."""
+    given = [name for name in _HOLE_FIELDS if param.HasField(name)]
+    if not given:
+        return
+    if len(param.dilation):
+        raise ProtoError(f"{where}: convolution_param sets both DeepLab v1's {' and '.join(given)} and dilation "
+                         f"{list(param.dilation)}; they are one setting: keep only dilation")
+    if given not in (["hole"], ["hole_h", "hole_w"]):
+        raise ProtoError(f"{where}: convolution_param sets {' and '.join(given)}; DeepLab v1 takes hole alone, "
+                         "or hole_h and hole_w together")
+    param.dilation.extend([param.hole] if given == ["hole"] else [param.hole_h, param.hole_w])
+    for name in given:
+        param.ClearField(name)
+
+
+def _has_label_to_label_type(param, where: str) -> None:
+    """v1's has_label: false (a list of images only; labels all ignore_label) is what v1 itself later
+    wrote label_type: NONE; has_label: true says only that the list has labels, which label_type tells."""
+    if not param.HasField("has_label"):
+        return
+    if param.HasField("label_type") and param.has_label != (param.label_type != _NO_LABEL):
+        raise ProtoError(f"{where}: image_data_param has has_label: {str(param.has_label).lower()} and "
+                         f"label_type: {_LABEL_TYPE.Name(param.label_type)}, which disagree; DeepLab v1's "
+                         "has_label is replaced by label_type: keep only label_type")
+    if not param.has_label:
+        param.label_type = _NO_LABEL
+    param.ClearField("has_label")
+
+
+def _softmaxloss_to_loss_param(layer, where: str) -> None:
+    """v1's SoftmaxWithLoss reads softmaxloss_param and divides by the number of pixels not ignored,
+    which is V2's loss_param with its default normalization (VALID). Other layers never read it."""
+    old = caffe_pb2.SoftmaxLossParameter()
+    old.CopyFrom(layer.softmaxloss_param)
+    layer.ClearField("softmaxloss_param")
+    if layer.type != "SoftmaxWithLoss":
+        log.warning("%s: softmaxloss_param is ignored on a %s layer (as DeepLab v1 does)", where, layer.type)
+        return
+    if old.HasField("weight_source"):
+        raise ProtoError(f"{where}: softmaxloss_param.weight_source ('{old.weight_source}'), DeepLab v1's per-class "
+                         "loss weights, has no V2 form here; remove it (every class then weighs 1)")
+    if layer.HasField("loss_param"):
+        raise ProtoError(f"{where}: the layer sets both DeepLab v1's softmaxloss_param and loss_param; "
+                         "keep only loss_param")
+    if len(old.ignore_label) > 1:
+        raise ProtoError(f"{where}: softmaxloss_param ignores {len(old.ignore_label)} labels "
+                         f"{list(old.ignore_label)}; V2's loss_param ignores one (ignore_label)")
+    if len(old.ignore_label):
+        layer.loss_param.ignore_label = old.ignore_label[0]
+
+
+def deeplab_v1_binary_layers(net) -> list[str]:
+    """The V1 layers of a binary net (parsed, not upgraded) that carry DeepLab v1's numbering, which
+    the V1 schema reads as other fields: its layer types from 40 up and most of its parameter messages
+    are unknown fields, its hole and hole_h are force_nd_im2col and dilation (never written in V1 files
+    otherwise), its IMAGE_SEG_DATA (39) is DECONVOLUTION."""
+    found = []
+    for v1 in net.layers:
+        convolution = v1.convolution_param
+        if (has_unknown_fields(v1) or has_unknown_fields(convolution) or convolution.force_nd_im2col
+                or len(convolution.dilation) or v1.HasField("strict_dim") or v1.HasField("softmaxloss_param")
+                or (v1.type == caffe_pb2.V1LayerParameter.DECONVOLUTION and v1.HasField("image_data_param"))):
+            found.append(v1.name)
+    return found
 
 
 # ---- solver ----------------------------------------------------------------------------------------
