@@ -177,9 +177,11 @@ def _read_h5_model(path: PathLike):
         data = _h5_group(handle, "data", path, "a Caffe HDF5 model keeps its weights in data/<layer>/<i>")
         net = caffe_pb2.NetParameter()
         for layer_name, group in data.items():
+            if not isinstance(layer_name, str):  # h5py hands over a name that is not UTF-8 as bytes
+                raise WeightsError(f"{path}: data/{layer_name!r}: the layer name is not UTF-8 (corrupt file?)")
             layer = net.layer.add()
             layer.name = layer_name
-            for array in _h5_blobs(group, f"{path}: data/{layer_name}"):
+            for array in _h5_blobs(group, f"{path}: data/{layer_name}", gaps=True):
                 blob = layer.blobs.add()
                 if array is not None:
                     blob.CopyFrom(array_to_blob(array))
@@ -193,19 +195,16 @@ def _read_h5_state(path: PathLike):
 
     def read(handle):
         state = caffe_pb2.SolverState()
-        state.iter = int(np.asarray(handle["iter"][()]).reshape(-1)[0])
+        state.iter = _h5_int(handle["iter"], f"{path}: iter")
         if "learned_net" in handle:
-            name = handle["learned_net"][()]
-            state.learned_net = name.decode() if isinstance(name, bytes) else str(name)
+            state.learned_net = _h5_text(handle["learned_net"], f"{path}: learned_net")
         if "current_step" in handle:
-            state.current_step = int(np.asarray(handle["current_step"][()]).reshape(-1)[0])
+            state.current_step = _h5_int(handle["current_step"], f"{path}: current_step")
         history = _h5_group(handle, "history", path, "a Caffe HDF5 solver state keeps history/<i>")
-        for array in _h5_blobs(history, f"{path}: history"):
-            if array is None:
-                raise WeightsError(f"{path}: history has gaps in its numbering")
+        for array in _h5_blobs(history, f"{path}: history", gaps=False):
             state.history.add().CopyFrom(array_to_blob(array))
         if "rloss_resume" in handle:  # rloss's extension: a serialized ResumeState
-            data = np.asarray(handle["rloss_resume"][()], dtype=np.uint8).tobytes()
+            data = _h5_bytes(handle["rloss_resume"], f"{path}: rloss_resume")
             state.resume.CopyFrom(_parse(data, caffe_pb2.ResumeState(), path, "an rloss resume state"))
         return state
 
@@ -219,19 +218,90 @@ def _h5_group(handle, name: str, path: PathLike, why: str):
     return group
 
 
-def _h5_blobs(group, where: str) -> list:
-    """The arrays of datasets named 0, 1, ... (None for a missing index below the largest)."""
+_H5_BLOB_NAME = re.compile(r"0|[1-9][0-9]*")  # how Caffe names blob j: decimal, no sign, no leading 0
+# No layer has more blobs: a larger number is a corrupt name, refused before a list that long is made.
+MAX_H5_LAYER_BLOBS = 1024
+
+
+def _h5_blobs(group, where: str, gaps: bool) -> list:
+    """The arrays of datasets named 0, 1, ...; with `gaps`, None for a missing index below the largest
+    (a blob shared with an earlier layer), else a missing index is an error."""
     if not hasattr(group, "items"):
-        raise WeightsError(f"{where}: expected a group of datasets 0, 1, 2..., found a dataset")
+        raise WeightsError(f"{where}: expected a group of datasets 0, 1, 2..., found {_h5_kind(group)}")
+    names = list(group)
+    if not all(isinstance(name, str) and _H5_BLOB_NAME.fullmatch(name) for name in names):
+        raise WeightsError(f"{where}: blob names must be 0, 1, 2...; found {sorted(map(repr, names))}")
+    count = max(map(int, names), default=-1) + 1
+    if count > MAX_H5_LAYER_BLOBS or (not gaps and count != len(names)):
+        problem = f"more than {MAX_H5_LAYER_BLOBS} blobs" if count > MAX_H5_LAYER_BLOBS else "gaps in its numbering"
+        raise WeightsError(f"{where}: blob numbers up to {count - 1} ({len(names)} blobs): {problem}")
+    present = set(names)
+    return [_h5_array(group.get(str(i)), f"{where}/{i}") if str(i) in present else None for i in range(count)]
+
+
+def _h5_kind(item) -> str:
+    h5py = _h5py()
+    if isinstance(item, h5py.Dataset):
+        return "a dataset"
+    return "a group" if isinstance(item, h5py.Group) else "a link to nothing"
+
+
+_H5_CLASSES = ("INTEGER", "FLOAT", "TIME", "STRING", "BITFIELD", "OPAQUE", "COMPOUND", "REFERENCE", "ENUM", "VLEN",
+                "ARRAY")
+
+
+def _h5_dataset(item, where: str, classes: Sequence[str], one: bool = False):
+    """`item` checked, before anything is read, to be a dataset of one of the HDF5 type `classes`
+    ("INTEGER", "FLOAT", "STRING") with values (not a null dataspace): exactly one (`one`), else any
+    shape a blob can have (`shape_problem`): a corrupt shape must not make the reader allocate it."""
+    h5py = _h5py()
+    if not isinstance(item, h5py.Dataset):
+        raise WeightsError(f"{where}: expected a dataset, found {_h5_kind(item)}")
+    kind = item.id.get_type().get_class()
+    if kind not in [getattr(h5py.h5t, name) for name in classes]:
+        found = next((name for name in _H5_CLASSES if getattr(h5py.h5t, name) == kind), "unknown")
+        raise WeightsError(f"{where}: the dataset holds {found.lower()} values ({item.dtype}); expected "
+                           f"{' or '.join(name.lower() for name in classes)} values")
+    if item.shape is None:
+        raise WeightsError(f"{where}: the dataset holds no values (an HDF5 null dataspace)")
+    if one and item.size != 1:
+        raise WeightsError(f"{where}: expected one value, found shape {item.shape}")
+    problem = shape_problem(item.shape, item.dtype.itemsize)
+    if problem:
+        raise WeightsError(f"{where}: {problem}")
+    return item
+
+
+def _h5_array(item, where: str) -> np.ndarray:
+    """A blob's values: float or integer data (Caffe's hdf5_load_nd_dataset refuses the other HDF5
+    classes), converted to float32 by HDF5 as in Caffe (float64 beyond float32's range becomes inf)."""
+    return np.asarray(_h5_dataset(item, where, ("FLOAT", "INTEGER")).astype(np.float32)[()])
+
+
+def _h5_int(item, where: str) -> int:
+    """One whole number in int32's range (Caffe's hdf5_load_int; SolverState's fields are int32)."""
+    dataset = _h5_dataset(item, where, ("INTEGER", "FLOAT"), one=True)
+    value = float(np.asarray(dataset.astype(np.float64)[()]).reshape(-1)[0])
+    if not (np.isfinite(value) and value == int(value) and -(2**31) <= value < 2**31):
+        raise WeightsError(f"{where}: expected a whole number in int32's range, found {value}")
+    return int(value)
+
+
+def _h5_text(item, where: str) -> str:
+    """One UTF-8 string (Caffe's hdf5_load_string)."""
+    value = np.asarray(_h5_dataset(item, where, ("STRING",), one=True)[()]).reshape(-1)[0]
     try:
-        by_index = {int(key): value for key, value in group.items()}
-    except ValueError:
-        raise WeightsError(f"{where}: blob names must be 0, 1, 2...; found {sorted(group)}") from None
-    for index, value in by_index.items():
-        if not hasattr(value, "dtype"):
-            raise WeightsError(f"{where}/{index}: expected a dataset, found a group")
-    return [np.asarray(by_index[i][()], dtype=np.float32) if i in by_index else None
-            for i in range(max(by_index, default=-1) + 1)]
+        return value.decode() if isinstance(value, bytes) else str(value)
+    except UnicodeDecodeError:
+        raise WeightsError(f"{where}: the string is not UTF-8 (corrupt file?)") from None
+
+
+def _h5_bytes(item, where: str) -> bytes:
+    """The bytes rloss stores as a uint8 dataset (its serialized ResumeState)."""
+    dataset = _h5_dataset(item, where, ("INTEGER",))
+    if dataset.dtype != np.uint8:
+        raise WeightsError(f"{where}: expected uint8 values (serialized bytes), found {dataset.dtype}")
+    return np.asarray(dataset[()]).tobytes()
 
 
 # ---- writing ----------------------------------------------------------------------------------------

@@ -626,6 +626,7 @@ class Net(nn.Module):
         by_name: dict[str, Layer] = {}
         for step in self._steps:
             by_name.setdefault(step.layer.name, step.layer)
+        borrowed = self._borrowed_blobs()
         for source_layer in net_param.layer:
             target = by_name.get(source_layer.name)
             if target is None:
@@ -637,9 +638,14 @@ class Net(nn.Module):
                     f"{where}: layer '{source_layer.name}' has {len(source_layer.blobs)} blobs in the file, "
                     f"{len(target.blobs)} in the net {self.source}"
                 )
-            for j, blob in enumerate(source_layer.blobs):
+            for j in range(wanted):  # count == wanted, or an HDF5 file that omits some
+                blob = source_layer.blobs[j] if j < count else caffe_pb2.BlobProto()
                 if from_h5 and not blob.shape.dim and not blob.data:
-                    continue  # a shared blob, stored with its owner
+                    if (id(target), j) in borrowed:
+                        continue  # a shared blob, stored with its owner
+                    raise NetError(f"{where}: layer '{source_layer.name}' blob {j} is not in the file, and the net "
+                                   f"{self.source} does not share it with an earlier layer (Caffe: incompatible "
+                                   "number of blobs)")
                 shape = tuple(target.blobs[j].shape)
                 if not legacy_shape_matches(blob, shape):
                     raise NetError(
@@ -649,6 +655,18 @@ class Net(nn.Module):
                 values = blob_to_array(blob, f"{where}: layer '{source_layer.name}' blob {j}")
                 with torch.no_grad():
                     target.blobs[j].copy_(torch.from_numpy(values.reshape(shape)))
+
+    def _borrowed_blobs(self) -> set[tuple[int, int]]:
+        """(id of the layer, blob index) of each blob a layer shares with an earlier one (Caffe's
+        param_owners_ != -1): only those may be absent from an HDF5 model, which stores them with
+        their owner."""
+        seen: set[int] = set()
+        borrowed = set()
+        for step in self._steps:
+            blobs = step.layer.blobs
+            borrowed.update((id(step.layer), j) for j, blob in enumerate(blobs) if id(blob) in seen)
+            seen.update(id(blob) for blob in blobs)
+        return borrowed
 
     def share_trained_layers_with(self, source: Net) -> None:
         """Caffe's ShareTrainedLayersWith: a layer named like one of `source`'s uses its parameters."""

@@ -407,7 +407,15 @@ class Solver:
                                f"solver type?)")
         self.iter = state.iter
         if state.HasField("learned_net"):
-            self.net.copy_from(str(learned_net(state.learned_net, found)))
+            try:
+                model = learned_net(state.learned_net, found)
+            except OSError as error:  # a name the OS refuses to look up (too long)
+                raise WeightsError(f"{found}: its learned_net '{state.learned_net}' cannot be looked up: "
+                                   f"{error.strerror or error}") from None
+            if model.is_dir():  # an empty or corrupt name: the message must say whose
+                raise WeightsError(f"{found}: its learned_net '{state.learned_net}' is a directory ({model}), not a "
+                                   "model file")
+            self.net.copy_from(str(model))
         self.lr.current_step = state.current_step
         count = len(self.net.learnable)
         self._history_nonzero = [False] * count

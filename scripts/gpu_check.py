@@ -115,6 +115,10 @@ CASES: dict[str, list[LayerCase]] = {
     "ArgMax": [LayerCase('type: "ArgMax" bottom: "x" top: "y" argmax_param { axis: 1 }', X4)],
     "BNLL": [LayerCase('type: "BNLL" bottom: "x" top: "y"', X4)],
     "BatchNorm": [LayerCase('type: "BatchNorm" bottom: "x" top: "y"', X4)],
+    "BN": [LayerCase('type: "BN" bottom: "x" top: "y" top: "m" top: "v" bn_param { scale_filler { type: '
+                     '"gaussian" std: 1 } shift_filler { type: "gaussian" std: 1 } }', X4, label="LEARN"),
+           LayerCase('type: "BN" bottom: "x" top: "y" bn_param { bn_mode: INFERENCE scale_filler { type: '
+                     '"gaussian" std: 1 } shift_filler { type: "gaussian" std: 1 } }', X4, label="INFERENCE")],
     "BatchReindex": [LayerCase('type: "BatchReindex" bottom: "x" bottom: "i" top: "y"',
                                {"x": ((4, 3, 2), "normal"), "i": ((6,), "indices 4")})],
     "Bias": [LayerCase('type: "Bias" bottom: "x" top: "y" bias_param { filler { type: "gaussian" std: 1 } }', X4)],
@@ -137,6 +141,10 @@ CASES: dict[str, list[LayerCase]] = {
     "Data": [LayerCase('type: "Data" top: "data" top: "label" data_param { source: "{lmdb}" backend: LMDB '
                        'batch_size: 2 } transform_param { crop_size: 16 mirror: true scale: 0.0078125 '
                        'mean_value: 104 mean_value: 117 mean_value: 123 }', needs="lmdb")],
+    "DenseImageData": [LayerCase('type: "DenseImageData" top: "data" top: "label" dense_image_data_param { '
+                                 'source: "{seg_list}" root_folder: "{root}/" batch_size: 2 shuffle: true '
+                                 'mirror: true crop_height: 24 crop_width: 28 } transform_param { scale: 0.5 '
+                                 'mean_value: 104 mean_value: 117 mean_value: 123 }')],
     "DenseCRF": [LayerCase(
         'type: "DenseCRF" bottom: "x" bottom: "d" bottom: "i" top: "y" dense_crf_param { max_iter: 3 pos_w: 3 '
         'pos_xy_std: 2 bi_w: 5 bi_xy_std: 6 bi_rgb_std: 10 }',
@@ -259,6 +267,11 @@ CASES: dict[str, list[LayerCase]] = {
     "Split": [LayerCase('type: "Split" bottom: "x" top: "y" top: "z"', X4)],
     "TanH": [LayerCase('type: "TanH" bottom: "x" top: "y"', X4)],
     "Threshold": [LayerCase('type: "Threshold" bottom: "x" top: "y" threshold_param { threshold: 0.2 }', X4)],
+    "Upsample": [LayerCase('type: "Upsample" bottom: "x" bottom: "m" top: "y" upsample_param { scale: 2 }',
+                           {"x": ((2, 3, 2, 2), "normal"), "m": ((2, 3, 2, 2), "indices 16")}, label="scale"),
+                 LayerCase('type: "Upsample" bottom: "x" bottom: "m" top: "y" upsample_param { upsample_h: 3 '
+                           'upsample_w: 5 }', {"x": ((2, 3, 2, 3), "normal"), "m": ((2, 3, 2, 3), "indices 15")},
+                           label="upsample_h upsample_w")],
     "Tile": [LayerCase('type: "Tile" bottom: "x" top: "y" tile_param { axis: 1 tiles: 3 }', X4)],
 }
 

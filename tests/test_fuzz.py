@@ -7,6 +7,11 @@ RlossErrors may come out; anything else fails, naming the case so that it can be
     _, model, state = make_snapshot(Path("/tmp/fuzz"))
     kind, data, mutations = model_case(45, model.read_bytes())   # state_case(i, state.read_bytes())
 
+The HDF5 cases mutate the snapshot that `make_snapshot(folder, hdf5=True)` writes, with h5py, then
+some of them at the byte level; their data is None for a directory (`place` writes a case's file):
+
+    kind, data, mutations = h5_model_case(45, model.read_bytes())   # h5_state_case(i, state.read_bytes())
+
 Deterministic for a given SEED; raise the *_CASES constants locally to fuzz longer. While fuzzing,
 blobs are limited to FUZZ_MAX_BLOB_COUNT elements (rloss's size rule, lowered) so that a mutation
 giving a huge but legal net is refused rather than run.
@@ -14,21 +19,24 @@ giving a huge but legal net is refused rather than run.
 
 from __future__ import annotations
 
+import io
 import logging
 import random
 import re
 import signal
 import threading
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import pytest
 import torch
 from google.protobuf import text_format
 
-from rloss.errors import RlossError
+from rloss.errors import MAX_MESSAGE_CHARS, NetError, RlossError, WeightsError
+from rloss.io import read_solver_state, write_hdf5_state
 from rloss.layers import layer_types
 from rloss.net import Net
 from rloss.proto import blob as blob_module
@@ -37,10 +45,17 @@ from rloss.proto.compat import is_repeated
 from rloss.proto.text import expand_variables, read_text
 from rloss.solver import Solver
 
+try:
+    import h5py
+except ImportError:  # optional (rloss needs it for HDF5 snapshots only): the HDF5 cases are skipped
+    h5py = None
+
 SEED = 20240611
 TEXT_CASES = 2000
 MODEL_CASES = 3000
 STATE_CASES = 2000
+H5_MODEL_CASES = 1200
+H5_STATE_CASES = 800
 CASE_LIMIT_S = 10.0  # a case running longer counts as a hang
 FUZZ_MAX_BLOB_COUNT = 2**16
 REPO = Path(__file__).resolve().parents[1]
@@ -431,12 +446,32 @@ def fuzzing(monkeypatch):
     logger.setLevel(level)
 
 
+def place(path: Path, data: bytes | None) -> Path:
+    """`data` written at `path` as a new file (rewriting a file in place takes milliseconds where the
+    file system discards freed blocks), or (None for data) a directory named like it, beside it."""
+    if data is None:
+        directory = path.with_name("directory_" + path.name)
+        directory.mkdir(exist_ok=True)
+        return directory
+    path.unlink(missing_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def seed_case(index: int) -> None:
+    """torch's generators for case `index`; the CPU one directly, as torch.manual_seed queues a CUDA
+    seeding (with its stack) whenever CUDA is not initialized: a millisecond a case."""
+    torch.random.default_generator.manual_seed(SEED + index)
+    if torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(SEED + index)
+
+
 def run_cases(kind: str, count: int, make: Callable[[int], tuple], run: Callable[[bytes, int, str], str]) -> dict:
     """Run `count` cases; fail on the first exception that is not an RlossError. Returns outcome counts."""
     outcomes: dict[str, int] = {}
     for index in range(count):
         name, data, done = make(index)
-        torch.manual_seed(SEED + index)
+        seed_case(index)
         try:
             with time_limit(CASE_LIMIT_S):
                 outcome = run(data, index, name)
@@ -471,8 +506,7 @@ def random_feeds(net: Net, index: int) -> dict[str, torch.Tensor]:
 # ---- tests ----------------------------------------------------------------------------------------------
 def build_and_run(path: Path, data: bytes, index: int, name: str) -> str:
     """Write the net text to `path`, build it for its corpus entry's phase and run a forward pass."""
-    path.write_bytes(data)
-    net = Net.from_prototxt(path, PHASES[name], feed_data_layers=True)
+    net = Net.from_prototxt(place(path, data), PHASES[name], feed_data_layers=True)
     net.forward(random_feeds(net, index))
     return "forward"
 
@@ -489,21 +523,27 @@ def test_fuzz_prototxt(fuzzing, tmp_path):
     assert outcomes.get("forward", 0) > TEXT_CASES // 10, outcomes  # the mutations leave many nets runnable
 
 
-def make_snapshot(directory: Path) -> tuple[Solver, Path, Path]:
+def make_snapshot(directory: Path, hdf5: bool = False) -> tuple[Solver, Path, Path]:
     """A solver on the vision net after one iteration, and its snapshot (model, state) as rloss writes
-    them (the bases of the binary cases: `model_case(i, model.read_bytes())` replays case i). The state
-    names its model without the directory (found beside it), so that its bytes do not depend on where
-    the test runs."""
+    them, binary or (`hdf5`) with snapshot_format: HDF5 (the bases of the binary and HDF5 cases:
+    `model_case(i, model.read_bytes())` replays case i). The state names its model without the
+    directory (found beside it), so that its bytes do not depend on where the test runs."""
     param = caffe_pb2.SolverParameter(base_lr=0.01, lr_policy="fixed", momentum=0.9, max_iter=1, random_seed=SEED,
                                       snapshot_prefix=str(directory / "snap"), display=0)
+    if hdf5:
+        param.snapshot_format = caffe_pb2.SolverParameter.HDF5
     param.net_param.CopyFrom(text_format.Parse(VISION_NET, caffe_pb2.NetParameter()))
     solver = Solver(param)
     solver.step(1)
     solver.snapshot()
-    model, state = directory / "snap_iter_1.caffemodel", directory / "snap_iter_1.solverstate"
-    written = caffe_pb2.SolverState.FromString(state.read_bytes())
+    suffix = ".h5" if hdf5 else ""
+    model, state = directory / f"snap_iter_1.caffemodel{suffix}", directory / f"snap_iter_1.solverstate{suffix}"
+    written = read_solver_state(state)
     written.learned_net = model.name
-    state.write_bytes(written.SerializeToString())
+    if hdf5:
+        write_hdf5_state(written, state)
+    else:
+        state.write_bytes(written.SerializeToString())
     return solver, model, state
 
 
@@ -527,8 +567,7 @@ def test_fuzz_caffemodel(fuzzing, snapshot, tmp_path):
     base, path = model.read_bytes(), tmp_path / "fuzz.caffemodel"
 
     def run(data: bytes, index: int, name: str) -> str:
-        path.write_bytes(data)
-        solver.net.copy_from(path)
+        solver.net.copy_from(place(path, data))
         return "copied"
 
     outcomes = run_cases("model", MODEL_CASES, lambda i: model_case(i, base), run)
@@ -540,12 +579,354 @@ def test_fuzz_solverstate(fuzzing, snapshot):
     base, path = state.read_bytes(), state.parent / "fuzz.solverstate"  # beside the model it names
 
     def run(data: bytes, index: int, name: str) -> str:
-        path.write_bytes(data)
-        solver.restore(path)
+        solver.restore(place(path, data))
         return "restored"
 
     outcomes = run_cases("state", STATE_CASES, lambda i: state_case(i, base), run)
     assert outcomes.get("WeightsError", 0) > STATE_CASES // 4 and outcomes.get("restored", 0), outcomes
+
+
+# ---- HDF5 cases: mutations of the snapshot's HDF5 structure (h5py), then of its bytes ---------------------
+H5Mutation = Callable[[random.Random, "h5py.File"], str]
+H5_NAMES = ("x", "", "-1", "01", " 0", "+1", "1_0", "\u0661", "0.5", "7", "2147483648", "99999999999999999999",
+            "\u00e9", "conv1", "data", "history", "iter", "learned_net")
+H5_SHAPES = ((), (0,), (1,), (3, 0, 2), (2,) * 17, (1,) * 32, (2**24, 2**24), (2**40,), (7,))
+H5_FLOATS = (np.nan, np.inf, -np.inf, 1e300, -1e300, 3.4e38, 1e-45, -0.0)
+H5_INTS = (-1, 0, 2**31, -(2**31) - 1, 2**63 - 1, -(2**63), 300)
+H5_TEXTS = (b"", b"\xff\xfe", b"a\x00b", b"/", b".", b"../" * 40, b"x" * 5000, b"absent.caffemodel.h5",
+            b"snap_iter_1.solverstate.h5", b"snap_iter_1.caffemodel")
+
+
+def h5_entries(handle, kind: str = "any") -> list[str]:
+    """Paths of the groups ("group"), datasets ("dataset") or both below the root, in name order; those
+    a mutation gave a name that is not UTF-8 are left alone (h5py's low-level visit: the fast one)."""
+    wanted = {"group": (h5py.h5o.TYPE_GROUP,), "dataset": (h5py.h5o.TYPE_DATASET,),
+              "any": (h5py.h5o.TYPE_GROUP, h5py.h5o.TYPE_DATASET)}[kind]
+    found = []
+
+    def visit(name: bytes, info) -> None:
+        with suppress(UnicodeDecodeError):
+            if info.type in wanted and name != b".":
+                found.append(name.decode())
+
+    h5py.h5o.visit(handle.id, visit, info=True)
+    return found
+
+
+def _parent(path: str) -> str:
+    return path.rpartition("/")[0] or "/"
+
+
+def _values(dataset) -> np.ndarray:
+    """The dataset's values as an array (an empty float one for an HDF5 null dataspace or a huge shape)."""
+    if dataset.shape is None or dataset.size > 2**20:
+        return np.zeros(0, np.float32)
+    return np.asarray(dataset[()])
+
+
+def _replace(handle, path: str, **dataset) -> None:
+    del handle[path]
+    handle.create_dataset(path, **dataset)
+
+
+def _taken(group, name) -> bool:
+    """Whether `group` has a link of that name (dangling links included, which `in` does not see)."""
+    return group.id.links.exists(name.encode() if isinstance(name, str) else name)
+
+
+def on_dataset(mutate: Callable[[random.Random, object, str], str]) -> H5Mutation:
+    """A mutation of one random dataset (none when the file has none left)."""
+
+    def pick(rng: random.Random, handle) -> str:
+        datasets = h5_entries(handle, "dataset")
+        return mutate(rng, handle, rng.choice(datasets)) if datasets else f"{mutate.__name__}: no dataset"
+
+    return pick
+
+
+def delete_entry(rng: random.Random, handle) -> str:
+    path = rng.choice(h5_entries(handle))
+    del handle[path]
+    return f"delete {path}"
+
+
+def clear_group(rng: random.Random, handle) -> str:
+    path = rng.choice(h5_entries(handle, "group") or ["/"])
+    for name in list(handle[path]):
+        del handle[path][name]
+    return f"empty group {path}"
+
+
+def rename_entry(rng: random.Random, handle) -> str:
+    """Move an entry to an odd or misleading name, in its group or another one."""
+    path = rng.choice(h5_entries(handle))
+    parent = rng.choice([_parent(path)] * 3 + h5_entries(handle, "group") + ["/"])
+    name = rng.choice(H5_NAMES + (b"\xff\xfe",)) or "_"  # bytes: a name that is not UTF-8
+    group = handle[parent]
+    if _taken(group, name) or f"/{parent.strip('/')}/".startswith(f"/{path}/"):  # not into itself
+        return f"rename {path}: {name!r} taken, or inside it"
+    group.move(f"/{path}", name)
+    return f"rename {path} -> {parent}/{name!r}"
+
+
+@on_dataset
+def reshape_dataset(rng: random.Random, handle, path: str) -> str:
+    """Same dtype, another shape: its values repeated to fill it, or (a huge shape) only declared."""
+    dtype, values = handle[path].dtype, _values(handle[path])
+    other = handle[rng.choice(h5_entries(handle, "dataset"))].shape or ()
+    shape = rng.choice(H5_SHAPES + (values.shape[::-1], (1, *values.shape), (values.size,), other))
+    if np.prod(shape, dtype=np.float64) > 2**20:
+        _replace(handle, path, shape=shape, dtype=dtype, chunks=True)
+    else:
+        _replace(handle, path, data=np.resize(values, shape) if values.size else np.zeros(shape, values.dtype),
+                 dtype=dtype)
+    return f"reshape {path} -> {shape}"
+
+
+def _retyped(rng: random.Random, values: np.ndarray) -> tuple[object, object, str]:
+    """(values, HDF5 type or None for the values' own, kind) of `values` as another type."""
+    kind = rng.choice(("int32", "int64", "uint8", "float64", "float16", "bool", "bytes", "str", "complex64",
+                       "compound", "enum", "opaque", "empty", "reference"))
+    numbers = values.astype(np.float64) if values.dtype.kind in "biuf" else np.zeros(values.shape)
+    if kind in ("int32", "int64", "uint8", "float64", "float16", "bool", "complex64"):
+        with np.errstate(invalid="ignore", over="ignore"):
+            return numbers.astype(kind), None, kind
+    if kind in ("bytes", "str"):
+        text = np.vectorize(lambda v: f"{v:.3g}")(numbers) if numbers.size else np.array("0")
+        return (text.astype("S"), None, kind) if kind == "bytes" else (text.astype(object), h5py.string_dtype(), kind)
+    if kind == "compound":
+        return np.zeros(numbers.shape, [("a", "f4"), ("b", "i4")]), None, kind
+    if kind == "enum":
+        enum = h5py.enum_dtype({"a": 0, "b": 1}, basetype="i1")
+        return np.zeros(numbers.shape, enum), enum, kind
+    if kind == "opaque":
+        return np.zeros(numbers.shape, "V4"), None, kind
+    if kind == "empty":
+        return h5py.Empty("f4"), None, kind
+    return None, h5py.ref_dtype, kind  # a reference: its values are made where the file is at hand
+
+
+@on_dataset
+def retype_dataset(rng: random.Random, handle, path: str) -> str:
+    """The dataset's values as another HDF5 type: integers, float64, strings, bool, types Caffe refuses."""
+    values, dtype, kind = _retyped(rng, _values(handle[path]))
+    if kind == "reference":
+        values = np.array([handle.ref] * 2, dtype)
+    _replace(handle, path, data=values, dtype=dtype)
+    return f"retype {path} -> {kind}"
+
+
+def _text(rng: random.Random, value: bytes) -> object:
+    """`value` as rloss writes learned_net (a variable-length string), or as fixed-length strings (the
+    only kind that can hold a NUL)."""
+    if b"\x00" not in value and rng.random() < 0.5:
+        return value
+    return np.array([value] * rng.choice((1, 2)))
+
+
+@on_dataset
+def revalue_dataset(rng: random.Random, handle, path: str) -> str:
+    """Extreme values (nan, inf, huge, out-of-range integers, odd text) in some or all of the dataset."""
+    values = _values(handle[path])
+    if values.dtype.kind in "OSU" or rng.random() < 0.1:
+        value = rng.choice(H5_TEXTS)
+        _replace(handle, path, data=_text(rng, value))
+        return f"revalue {path} := {value[:20]!r}"
+    choices = H5_FLOATS if values.dtype.kind == "f" and rng.random() < 0.8 else H5_INTS
+    value = rng.choice(choices)
+    dtype = np.float64 if choices is H5_FLOATS else (np.uint64 if value >= 2**63 else np.int64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        changed = values.astype(dtype) if values.dtype.kind in "biuf" else np.zeros(values.shape, dtype)
+    if changed.ndim and changed.size and rng.random() < 0.5:
+        changed.reshape(-1)[rng.randrange(changed.size)] = value
+        where = "one value of "
+    else:
+        changed[...] = value
+        where = ""
+    _replace(handle, path, data=changed)
+    return f"revalue {where}{path} := {value}"
+
+
+def add_attribute(rng: random.Random, handle) -> str:
+    path = rng.choice(h5_entries(handle) + ["/"])
+    name, value = rng.choice(("CLASS", "shape", "0", "dtype")), rng.choice((np.nan, "x", np.arange(3), b"\xff"))
+    handle[path].attrs[name] = value
+    return f"attribute {path}@{name} := {value!r}"
+
+
+def add_entry(rng: random.Random, handle) -> str:
+    """A group, dataset or link where none was expected (replacing an entry of that name)."""
+    parent = rng.choice(h5_entries(handle, "group") + ["/"])
+    name = rng.choice(H5_NAMES[:12] + ("0", "1", "2", "3", "10"))
+    if name == "":
+        return "add: empty name"
+    path = f"{parent.rstrip('/')}/{name}"
+    if _taken(handle[parent], name):
+        del handle[parent][name]
+    kind = rng.choice(("group", "nested", "dataset", "scalar", "text", "dangling", "to root", "external",
+                       "loop", "alias"))
+    if kind == "group":
+        handle.create_group(path)
+    elif kind == "nested":
+        handle.create_dataset(f"{path}/0", data=np.ones((2, 2), np.float32))
+    elif kind == "dataset":
+        handle.create_dataset(path, data=np.full(rng.choice(H5_SHAPES[:6]), 0.5, np.float32))
+    elif kind == "scalar":
+        handle.create_dataset(path, data=np.float64(rng.choice(H5_FLOATS)))
+    elif kind == "text":
+        handle.create_dataset(path, data=_text(rng, rng.choice(H5_TEXTS)))
+    elif kind == "dangling":
+        handle[path] = h5py.SoftLink("/nowhere")
+    elif kind == "to root":
+        handle[path] = h5py.SoftLink("/")
+    elif kind == "external":
+        handle[path] = h5py.ExternalLink(rng.choice(("absent.h5", "snap_iter_1.caffemodel.h5")), "/data")
+    elif kind == "loop":
+        handle[path] = handle[parent]
+    else:
+        handle[path] = handle[rng.choice(h5_entries(handle, "dataset") or [parent])]
+    return f"add {kind} {path}"
+
+
+H5_MUTATIONS: tuple[H5Mutation, ...] = (delete_entry, clear_group, *[rename_entry] * 2, *[reshape_dataset] * 3,
+                                        *[retype_dataset] * 3, *[revalue_dataset] * 3, add_attribute,
+                                        *[add_entry] * 2)
+
+
+def random_tail(rng: random.Random, data: bytes) -> tuple[bytes, str]:
+    """The HDF5 signature (and a little more) kept, random bytes after it."""
+    keep = rng.choice((8, 8, 16, 64, rng.randrange(len(data) + 1)))
+    tail = bytes(rng.randrange(256) for _ in range(rng.choice((0, 1, 100, 2048))))
+    return data[:keep] + tail, f"random {len(tail)} bytes after byte {keep}"
+
+
+H5_BYTE_MUTATIONS: tuple[Mutation, ...] = (truncate, truncate, random_tail)
+
+
+def h5_mutated(rng: random.Random, data: bytes) -> tuple[bytes, list[str]]:
+    """The HDF5 file `data` after 1 to 3 structural mutations (done with h5py, in memory)."""
+    buffer = io.BytesIO(data)
+    done = []
+    with h5py.File(buffer, "r+") as handle:
+        for _ in range(rng.choice((1, 1, 2, 3))):
+            done.append(rng.choice(H5_MUTATIONS)(rng, handle) if h5_entries(handle) else "nothing left")
+    return buffer.getvalue(), done
+
+
+def _h5_case(kind: str, index: int, base: bytes) -> tuple[str, bytes | None, list[str]]:
+    """Mostly structural mutations, some followed by byte ones; a few empty files and directories
+    (data None)."""
+    rng = case_rng(kind, index)
+    draw = rng.random()
+    if draw < 0.04:
+        return kind, None, ["a directory"]
+    if draw < 0.07:
+        return kind, b"", ["an empty file"]
+    data, done = (h5_mutated(rng, base) if draw < 0.9 else (base, []))
+    if draw >= 0.75:
+        data, more = mutated(rng, data, H5_BYTE_MUTATIONS, (1,))
+        done += more
+    return kind, data, done
+
+
+def h5_model_case(index: int, base: bytes) -> tuple[str, bytes | None, list[str]]:
+    """(kind, mutated HDF5 model bytes or None for a directory, mutations) of HDF5 model case `index`."""
+    return _h5_case("h5_model", index, base)
+
+
+def h5_state_case(index: int, base: bytes) -> tuple[str, bytes | None, list[str]]:
+    """(kind, mutated HDF5 solver-state bytes or None for a directory, mutations) of HDF5 state case `index`."""
+    return _h5_case("h5_state", index, base)
+
+
+needs_h5py = pytest.mark.skipif(h5py is None, reason="the HDF5 cases need h5py")
+
+
+@pytest.fixture(scope="module")
+def h5_snapshot(tmp_path_factory) -> tuple[Solver, Path, Path]:
+    return make_snapshot(tmp_path_factory.mktemp("h5_snapshot"), hdf5=True)
+
+
+def checked_load(load: Callable[[Path], None], path: Path, others: tuple[Path, ...] = ()) -> None:
+    """`load(path)`; an RlossError it raises must name the file (or one of the `others` it may have
+    read: the snapshot's files, which a mutated state can name as its model) and stay within the
+    message limit."""
+    try:
+        load(path)
+    except RlossError as error:
+        message = str(error)
+        named = any(str(file) in message for file in (path, *others))
+        assert named and len(message) <= MAX_MESSAGE_CHARS, (type(error).__name__, message[:3000])
+        raise
+
+
+@needs_h5py
+def test_fuzz_caffemodel_h5(fuzzing, h5_snapshot, tmp_path):
+    solver, model, _ = h5_snapshot
+    base, path = model.read_bytes(), tmp_path / "fuzz.caffemodel.h5"
+
+    def run(data: bytes | None, index: int, name: str) -> str:
+        checked_load(solver.net.copy_from, place(path, data))
+        solver.net.forward(random_feeds(solver.net, index))
+        return "forward"
+
+    outcomes = run_cases("h5_model", H5_MODEL_CASES, lambda i: h5_model_case(i, base), run)
+    assert outcomes.get("WeightsError", 0) > H5_MODEL_CASES // 4 and outcomes.get("forward", 0), outcomes
+
+
+@needs_h5py
+def test_fuzz_solverstate_h5(fuzzing, h5_snapshot):
+    solver, model, state = h5_snapshot
+    base, path = state.read_bytes(), state.parent / "fuzz.solverstate.h5"  # beside the model it names
+
+    def run(data: bytes | None, index: int, name: str) -> str:
+        checked_load(solver.restore, place(path, data), (model, state))
+        solver.net.forward(random_feeds(solver.net, index))
+        return "forward"
+
+    outcomes = run_cases("h5_state", H5_STATE_CASES, lambda i: h5_state_case(i, base), run)
+    assert outcomes.get("WeightsError", 0) > H5_STATE_CASES // 4 and outcomes.get("forward", 0), outcomes
+
+
+SHARED_NET = """name: "shared"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 } } }
+layer { name: "a" type: "InnerProduct" bottom: "data" top: "a" param { name: "w" }
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "b" type: "InnerProduct" bottom: "a" top: "b" param { name: "w" }
+  inner_product_param { num_output: 3 bias_filler { type: "constant" value: 1 } } }
+"""
+
+
+@needs_h5py
+def test_an_h5_model_may_omit_shared_blobs_only(tmp_path):
+    """Caffe's rule, which the HDF5 cases found unchecked (a deleted dataset loaded "fine", leaving the
+    net's own values): a blob may be absent from an HDF5 model only when the net shares it with an
+    earlier layer, which stores it."""
+    net, other = (Net(text_format.Parse(SHARED_NET, caffe_pb2.NetParameter()), caffe_pb2.TEST) for _ in range(2))
+    path = tmp_path / "shared.caffemodel.h5"
+    net.save_hdf5(path)
+    other.copy_from(path)
+    assert other.params["b"][0] is other.params["a"][0] and torch.equal(other.params["b"][0], net.params["a"][0])
+    for layer, missing in (("a", "data/a/1"), ("b", "data/b/1")):  # a bias inside, a blob at the end
+        broken = place(tmp_path / "broken.caffemodel.h5", path.read_bytes())
+        with h5py.File(broken, "r+") as handle:
+            del handle[missing]
+        with pytest.raises(NetError, match=rf"{broken}: layer '{layer}' blob 1 is not in the file"):
+            other.copy_from(broken)
+
+
+@needs_h5py
+@pytest.mark.parametrize("learned_net", ["", "x" * 5000], ids=["empty", "too long"])
+def test_a_state_naming_no_model_file_says_so(h5_snapshot, learned_net):
+    """An empty learned_net (the working directory) and one too long for the OS are the state's fault:
+    the message names the state (found by the HDF5 cases; the binary states share the rule)."""
+    solver, _, state = h5_snapshot
+    written = read_solver_state(state)
+    written.learned_net = learned_net
+    path = state.parent / "named.solverstate.h5"
+    write_hdf5_state(written, path)
+    with pytest.raises(WeightsError, match=rf"^{path}: its learned_net '{learned_net[:10]}"):
+        solver.restore(path)
 
 
 def test_a_foreign_exception_fails_naming_the_case():

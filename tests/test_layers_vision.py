@@ -684,3 +684,16 @@ def test_crop_errors():
     assert_layer_error(crop_text("offset: 4"), (2, 3, 7, 8), (2, 3, 4, 4), match=r"axis 2 of \(2, 3, 7, 8\)")
     assert_layer_error(crop_text(""), (2, 3, 7, 8), (2, 3, 4), match="same number of axes")
     assert_layer_error(crop_text("axis: 4"), (2, 3, 7, 8), (2, 3, 4, 4), match="axis 4 is out of range")
+
+
+def test_the_max_pooling_mask_stays_exact_in_bf16():
+    """The mask holds plane indices: in bf16 (8-bit significand) 257 would round to 256, so the mask
+    is float32 whatever the input's dtype."""
+    from rloss.layers.vision import max_pool
+
+    x = torch.zeros(1, 1, 40, 40)
+    x[..., 1::2, 1::2] = 1.0  # each window's maximum at its bottom right: indices up to 1599, values exact in bf16
+    _, mask = max_pool(x.to(torch.bfloat16), (2, 2), (2, 2), (0, 0), (20, 20), with_mask=True)
+    _, exact = max_pool(x, (2, 2), (2, 2), (0, 0), (20, 20), with_mask=True)
+    assert mask.dtype == torch.float32
+    assert torch.equal(mask, exact) and float(mask.max()) == 40 * 40 - 1

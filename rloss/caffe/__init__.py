@@ -49,7 +49,7 @@ def layer_type_list() -> list[str]:
     return layer_types()
 
 
-from rloss.caffe import classifier, coord_map, io  # noqa: E402, F401  (they use Net above)
+from rloss.caffe import classifier, coord_map, draw, io  # noqa: E402, F401  (the modules; most use Net above)
 from rloss.caffe.classifier import Classifier  # noqa: E402, F401
 from rloss.caffe.solver import (  # noqa: E402, F401
     AdaDeltaSolver,

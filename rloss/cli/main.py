@@ -1,4 +1,4 @@
-"""`python -m rloss {train,test,time,device_query,infer,plot,data,upgrade} [flags]`: caffe.bin's commands and flags
+"""`python -m rloss {train,test,time,device_query,infer,plot,data,upgrade,draw} [flags]`: caffe.bin's commands and flags
 (`--solver=PATH` and `--solver PATH` both work, as do gflags' single-dash forms), plus `--set VAR=VALUE`.
 
 * `train`: as `caffe.bin train` (see rloss.cli.train).
@@ -11,6 +11,7 @@
 * `plot`: training curves of our logs and caffe.bin's as a figure, and a CSV (see rloss.cli.plot).
 * `data`: prepare, check and make one's own datasets (prepare, check, scribbles, scribblesup; see rloss.cli.data).
 * `upgrade IN OUT`: an old net, solver or .caffemodel in the V2 form (see rloss.cli.upgrade).
+* `draw NET OUT`: a picture of the net, as Caffe's draw_net.py (see rloss.cli.draw).
 
 `test`, `time` and `infer` take `--precision {fp32,bf16,fp16}` (rloss.precision), `test` and `time`
 `--checkpoint_activations`.
@@ -26,6 +27,7 @@ from typing import Callable, Sequence
 
 from rloss.cli.common import add_checkpoint_flag, add_precision_flag, add_set_flag, run
 from rloss.cli.data import add_data_parser, data
+from rloss.cli.draw import add_draw_flags, draw
 from rloss.cli.evaluate import ITERATIONS_HELP, add_test_flags, test
 from rloss.cli.infer import add_infer_flags, check_infer_args, infer
 from rloss.cli.plot import add_plot_flags, plot
@@ -36,7 +38,8 @@ from rloss.cli.upgrade import add_upgrade_flags, upgrade
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rloss", description="caffe.bin's commands on PyTorch.")
-    commands = parser.add_subparsers(dest="command", metavar="{train,test,time,device_query,infer,plot,data,upgrade}")
+    commands = parser.add_subparsers(dest="command",
+                                     metavar="{train,test,time,device_query,infer,plot,data,upgrade,draw}")
     commands.required = True
     train_parser = commands.add_parser("train", help="train a solver file")
     train_parser.add_argument("--solver", "-solver", default="", help="solver prototxt")
@@ -53,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plot_flags(commands.add_parser("plot", help="draw training curves of logs (and write them as CSV)"))
     add_data_parser(commands)
     add_upgrade_flags(commands.add_parser("upgrade", help="write an old net, solver or model in the V2 form"))
+    add_draw_flags(commands.add_parser("draw", help="draw a net's layers and blobs (Graphviz, or DOT text)"))
     return parser
 
 
@@ -72,7 +76,7 @@ def infer_command(args: argparse.Namespace) -> None:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "train": train, "test": test, "time": time_command, "device_query": device_query, "infer": infer_command,
-    "plot": plot, "data": data, "upgrade": upgrade,
+    "plot": plot, "data": data, "upgrade": upgrade, "draw": draw,
 }
 
 

@@ -1,10 +1,12 @@
 """List files (`image_data_param.source`) and Caffe's cursor over them.
 
-A list file has one sample per line: whitespace-separated tokens, token 1 the image path, token 2
-the label (a label image path, or an integer class for ImageData); extra tokens are ignored. Paths
-are used as `root_folder + token`, plain concatenation as in Caffe (no separator inserted).
-Caffe makes an entry of every line, so a blank line in the middle fails only when it is reached;
-we refuse it when the list is read, naming the line.
+A list file has one sample per line. ImageSegData's lines (the DeepLab fork reads them with `>>`)
+are whitespace-separated tokens: token 1 the image path, token 2 the label image path (or class);
+extra tokens are ignored (`read_list`). ImageData's lines are split, as upstream Caffe splits them,
+at their LAST space: the image path is everything before it, spaces included, and the class is the
+text after it (`read_class_list`). Paths are used as `root_folder + path`, plain concatenation as in
+Caffe (no separator inserted). Caffe makes an entry of every line, so a blank line in the middle
+fails only when it is reached; we refuse it when the list is read, naming the line.
 """
 
 from __future__ import annotations
@@ -42,19 +44,41 @@ def _lines(source: str, who: str) -> list[str]:
     return lines
 
 
-def read_list(source: str, need_label: bool, who: str) -> list[ListEntry]:
-    """Parse `source`; `need_label` demands a second token on every line. `who` names the layer."""
-    entries = []
-    for number, line in enumerate(_lines(source, who), 1):
-        tokens = line.split()
-        if not tokens:
+def _numbered_lines(source: str, who: str) -> list[tuple[int, str]]:
+    """(number, text) of every line; blank lines and an empty list refused (Caffe CHECKs the
+    list is not empty)."""
+    lines = list(enumerate(_lines(source, who), 1))
+    if not lines:
+        raise DataError(f"{who}: the list file '{source}' is empty")
+    for number, line in lines:
+        if not line.strip():
             raise DataError(f"{who}: line {number} of the list '{source}' is empty (Caffe would fail "
                             "when it reaches it); remove blank lines")
+    return lines
+
+
+def read_list(source: str, need_label: bool, who: str) -> list[ListEntry]:
+    """Parse `source` into whitespace-separated tokens; `need_label` demands a second token on
+    every line. `who` names the layer."""
+    entries = []
+    for number, line in _numbered_lines(source, who):
+        tokens = line.split()
         if need_label and len(tokens) < 2:
             raise DataError(f"{who}: line {number} of the list '{source}' has no label token: '{line}'")
         entries.append(ListEntry(number, tokens[0], tokens[1] if len(tokens) > 1 else None))
-    if not entries:
-        raise DataError(f"{who}: the list file '{source}' is empty")
+    return entries
+
+
+def read_class_list(source: str, who: str) -> list[ListEntry]:
+    """Parse an ImageData list: each line split at its last space (upstream Caffe's rule, so paths
+    may hold spaces). The label text is returned as read, for the caller to check."""
+    entries = []
+    for number, line in _numbered_lines(source, who):
+        image, space, label = line.rpartition(" ")
+        if not space or not image:
+            raise DataError(f"{who}: line {number} of the list '{source}' is not 'path label': '{line}' "
+                            "(Caffe takes the text after the last space as the label; tabs do not separate)")
+        entries.append(ListEntry(number, image, label))
     return entries
 
 

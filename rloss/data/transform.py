@@ -7,7 +7,9 @@ and `ignore_label`, random (TRAIN) or centre (TEST) crop, `(pixel - mean) * scal
 horizontal flip of data and label together.
 
 `transform_image` is upstream Caffe's image transform used by ImageData: no padding (an image
-smaller than the crop is an error), no rescaling, `(pixel - mean) * scale` in float32.
+smaller than the crop is an error), no rescaling, `(pixel - mean) * scale` in float32, the mean
+being `mean_value` or a mean image (`mean_file`, `read_mean_image`) of the image's own size, taken at
+the crop's source pixels.
 
 Random draws come from the `numpy.random.Generator` given per sample, in Caffe's order: mirror,
 scale factor, row offset, column offset.
@@ -23,14 +25,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from rloss.data.resize import resize_linear, resize_nearest
-from rloss.errors import DataError
-from rloss.proto.blob import shape_problem
+from rloss.errors import DataError, WeightsError
+from rloss.io import read_blob_proto
+from rloss.proto.blob import blob_shape, blob_to_array, shape_problem
 
 
 @dataclass(frozen=True)
 class TransformConfig:
     """What `transform_param` (and the phase) ask for. `mean` is float32, one value per channel
-    (zeros when none is given); `scale` and `scale_factors` are float32 values as Caffe stores them."""
+    (zeros when none is given); `scale` and `scale_factors` are float32 values as Caffe stores them;
+    `mean_image` is the (H, W, C) float32 mean of `mean_file` (`transform_image` only)."""
 
     crop: tuple[int, int] | None
     mean: np.ndarray
@@ -39,6 +43,7 @@ class TransformConfig:
     random_crop: bool
     scale_factors: tuple[float, ...] = ()
     ignore_label: int = 255
+    mean_image: np.ndarray | None = None
 
 
 def _draw_mirror(config: TransformConfig, rng: np.random.Generator) -> bool:
@@ -129,6 +134,35 @@ def transform_segmentation(image: np.ndarray, label: np.ndarray, config: Transfo
     return _channels_first(data, mirror), labels, data_dim
 
 
+def read_mean_image(path: str) -> np.ndarray:
+    """The first image of the BlobProto in `path` as (H, W, C) float32, its axes read as Caffe's
+    legacy accessors read a mean blob (channels, height, width = axes 1, 2, 3; missing ones are 1)."""
+    try:
+        blob = read_blob_proto(path)
+        values = blob_to_array(blob, f"the mean file '{path}'")
+    except WeightsError as error:
+        raise DataError(str(error)) from None
+    shape = blob_shape(blob)
+    if not 1 <= len(shape) <= 4 or 0 in shape:
+        raise DataError(f"'{path}' holds a blob of shape {shape}; a mean image is (1, channels, height, width)")
+    _, channels, height, width = shape + (1,) * (4 - len(shape))
+    first = values.reshape(-1)[:channels * height * width].astype(np.float32)
+    return np.ascontiguousarray(first.reshape(channels, height, width).transpose(1, 2, 0))
+
+
+def _minus_mean_image(image: np.ndarray, mean_image: np.ndarray | None) -> np.ndarray:
+    """The whole image less the mean image, in float32 (Caffe's `pixel - mean[index]`, so cropping
+    and mirroring afterwards take the mean at each pixel's source position); Caffe CHECKs the sizes."""
+    if mean_image is None:
+        return image
+    if mean_image.shape != image.shape:
+        height, width, channels = image.shape
+        mean_h, mean_w, mean_c = mean_image.shape
+        raise DataError(f"the image's channels x height x width {channels} x {height} x {width} differ from "
+                        f"the mean file's {mean_c} x {mean_h} x {mean_w}")
+    return image.astype(np.float32) - mean_image
+
+
 def transform_image(image: np.ndarray, config: TransformConfig, rng: np.random.Generator) -> np.ndarray:
     """Upstream Caffe's transform of an (H, W, C) uint8 image -> (C, h, w) float32."""
     height, width = image.shape[:2]
@@ -136,6 +170,7 @@ def transform_image(image: np.ndarray, config: TransformConfig, rng: np.random.G
     if config.crop is not None and (height < config.crop[0] or width < config.crop[1]):
         raise DataError(f"the {height}x{width} image is smaller than the crop "
                         f"{config.crop[0]}x{config.crop[1]} (ImageData does not pad)")
+    image = _minus_mean_image(image, config.mean_image)
     row, column, out_h, out_w = _crop_window(height, width, config, rng)
     data = _normalise(image[row:row + out_h, column:column + out_w], config, np.float32)
     return _channels_first(data, mirror)

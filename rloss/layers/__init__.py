@@ -19,6 +19,7 @@ from rloss.layers import (  # noqa: F401
     python_layer,
     rearrange,
     recurrent,
+    segnet,
     size_constraint_loss,
     spatial,
     structure,

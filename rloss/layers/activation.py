@@ -53,19 +53,21 @@ class ReLU(Layer):
 @register_layer("Dropout")
 class Dropout(Layer):
     """TRAIN phase: keep each element with probability 1 - p and scale by 1/(1 - p) (mask drawn
-    from torch's global generator); TEST phase: identity. Decided by the layer's phase, as in Caffe."""
+    from torch's global generator); TEST phase: identity. Decided by the layer's phase, as in Caffe;
+    SegNet's sample_weights_test drops in the TEST phase too (Bayesian SegNet's Monte Carlo dropout)."""
 
     def setup(self, bottom_shapes: list[Shape]) -> None:
         self.ratio = float(self.param.dropout_param.dropout_ratio)
         if not 0.0 <= self.ratio < 1.0:
             raise self.error(f"dropout_ratio must be in [0, 1), got {self.ratio}")
         self.scale = float(np.float32(1.0 / (1.0 - self.ratio)))
+        self.drops = self.phase == caffe_pb2.TRAIN or bool(self.param.dropout_param.sample_weights_test)
 
     def reshape(self, bottom_shapes: list[Shape]) -> list[Shape]:
         return [bottom_shapes[0]]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.phase != caffe_pb2.TRAIN:
+        if not self.drops:
             return [fresh_view(x)]
         keep = torch.empty_like(x).bernoulli_(1.0 - self.ratio)
         return [x * keep.mul_(self.scale)]

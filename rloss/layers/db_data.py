@@ -33,14 +33,12 @@ from PIL import Image
 
 from rloss.data.imageio import libpng_gray
 from rloss.data.prefetch import Prefetcher
-from rloss.data.transform import TransformConfig, transform_image
-from rloss.errors import DataError, WeightsError
-from rloss.io import read_blob_proto
+from rloss.data.transform import TransformConfig, read_mean_image, transform_image
+from rloss.errors import DataError
 from rloss.layers.base import Shape
 from rloss.layers.data import DataShare, SourceLayer, generator_message, generator_state, torch_drawn_seed
 from rloss.layers.registry import register_layer
 from rloss.proto import caffe_pb2
-from rloss.proto.blob import blob_shape, blob_to_array
 
 log = logging.getLogger("rloss")
 
@@ -402,20 +400,11 @@ class Data(SourceLayer):
         return _DatumTransform(config, mean_image, transform.mean_file, colour, self.who, self.param.data_param.source)
 
     def _mean_image(self, path: str) -> np.ndarray:
-        """The mean file's first image as (H, W, C) float32, its axes read as Caffe's legacy accessors
-        read them (channels, height, width = axes 1, 2, 3, missing trailing axes 1)."""
+        """The mean file's first image as (H, W, C) float32 (rloss.data.transform.read_mean_image)."""
         try:
-            blob = read_blob_proto(path)
-            values = blob_to_array(blob, f"the mean file '{path}'")
-        except WeightsError as error:
+            return read_mean_image(path)
+        except DataError as error:
             raise self.error(f"transform_param.mean_file: {error}") from None
-        shape = blob_shape(blob)
-        if not 1 <= len(shape) <= 4 or 0 in shape:
-            raise self.error(f"transform_param.mean_file '{path}' holds a blob of shape {shape}; a mean image "
-                             "is (1, channels, height, width)")
-        _, channels, height, width = shape + (1,) * (4 - len(shape))
-        first = values.reshape(-1)[:channels * height * width]
-        return np.ascontiguousarray(first.reshape(channels, height, width).transpose(1, 2, 0))
 
     def _warn_ignored_fields(self, data_param) -> None:
         for field in _IGNORED_DATA_FIELDS:

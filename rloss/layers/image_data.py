@@ -13,11 +13,17 @@ restarts the prefetcher from there, so a resumed run reads exactly the batches o
 
 Labels are read as raw 8-bit values; palette PNGs give their indices, where Caffe would read their
 luma values (see `rloss.data.imageio`).
+
+`new_height`/`new_width` resize each image when it is read, before the transform crops it, with
+`rloss.data.resize.resize_linear`: OpenCV's INTER_LINEAR (`cv::resize`'s default, which Caffe uses)
+reproduced in numpy: bilinear with half-pixel centres (source position `(d + 0.5) * src / dst - 0.5`)
+and two taps whatever the ratio, not PIL's BILINEAR, which widens its filter when shrinking.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -26,10 +32,10 @@ import numpy as np
 import torch
 
 from rloss.data.imageio import read_bgr, read_gray, read_label
-from rloss.data.listfile import ListEntry, OrderState, SampleOrder, read_list
+from rloss.data.listfile import ListEntry, OrderState, SampleOrder, read_class_list, read_list
 from rloss.data.prefetch import Prefetcher
 from rloss.data.resize import resize_linear, resize_nearest
-from rloss.data.transform import TransformConfig, transform_image, transform_segmentation
+from rloss.data.transform import TransformConfig, read_mean_image, transform_image, transform_segmentation
 from rloss.errors import DataError
 from rloss.layers.base import Shape
 from rloss.layers.data import DataShare, SourceLayer, generator_message, generator_state, torch_drawn_seed
@@ -113,14 +119,17 @@ class _ClassReader(_Reader):
         image = self.resized(decode(self.root + entry.image, self.where(entry)), resize_linear)
         return image if self.color else image[:, :, None]
 
-    def __call__(self, item: tuple[int, int]) -> Sample:
-        entry = self.entries[item[0]]
+    def sample(self, entry: ListEntry, rng: np.random.Generator) -> Sample:
+        """The transformed image and its class (an int32, stored as float32 as Caffe's label blob)."""
         image = self.read(entry)
         try:
-            data = transform_image(image, self.config, np.random.default_rng(item[1]))
+            data = transform_image(image, self.config, rng)
         except DataError as error:
             raise DataError(f"{self.where(entry)}: '{self.root + entry.image}': {error}") from error
-        return Sample(self.where(entry), (data, np.array(float(entry.label), dtype=np.float32)))
+        return Sample(self.where(entry), (data, np.array(int(entry.label), dtype=np.float32)))
+
+    def __call__(self, item: tuple[int, int]) -> Sample:
+        return self.sample(self.entries[item[0]], np.random.default_rng(item[1]))
 
 
 def _planner(order: SampleOrder, rng: np.random.Generator, batch_size: int,
@@ -157,8 +166,7 @@ class _ImageListLayer(SourceLayer):
             raise self.error(f"image_data_param.batch_size must be positive, got {data_param.batch_size}")
         self.batch_size = int(data_param.batch_size)
         self.source = data_param.source
-        entries = read_list(self.source, self.needs_label_token(), self.who)
-        self.check_labels(entries)
+        entries = self.read_entries()
         rng = np.random.default_rng(torch_drawn_seed())
         self.order = SampleOrder(len(entries), bool(data_param.shuffle), rng,
                                  self._skip(data_param.rand_skip, len(entries), rng))
@@ -172,11 +180,16 @@ class _ImageListLayer(SourceLayer):
         self._stop_workers = weakref.finalize(self, self.prefetcher.close)
 
     # ---- for subclasses ---------------------------------------------------------------------------
-    def needs_label_token(self) -> bool:
+    def read_entries(self) -> list[ListEntry]:
+        """The list's entries, label tokens that cannot be used refused naming the line."""
         raise NotImplementedError
 
-    def check_labels(self, entries: list[ListEntry]) -> None:
-        """Refuse label tokens that cannot be used, naming the line (called once, at set-up)."""
+    def mean_image(self, transform) -> np.ndarray | None:
+        """The mean image of `transform_param.mean_file`: refused unless the layer overrides this."""
+        if transform.HasField("mean_file"):
+            raise self.error(f"transform_param.mean_file ('{transform.mean_file}') is not supported by "
+                             "this layer; give mean_value (once, or once per channel)")
+        return None
 
     def make_reader(self, entries: list[ListEntry], config: TransformConfig,
                     new_size: tuple[int, int] | None) -> _Reader:
@@ -271,9 +284,7 @@ class _ImageListLayer(SourceLayer):
 
     def _transform_config(self) -> TransformConfig:
         transform = self.param.transform_param
-        if transform.mean_file:
-            raise self.error(f"transform_param.mean_file ('{transform.mean_file}') is not supported by "
-                             "this layer; give mean_value (once, or once per channel)")
+        mean_image = self.mean_image(transform)
         means = np.asarray(transform.mean_value, dtype=np.float32)
         if len(means) not in (0, 1, self.channels):
             raise self.error(f"give mean_value once or {self.channels} times (once per channel), "
@@ -289,6 +300,7 @@ class _ImageListLayer(SourceLayer):
             random_crop=self.phase == caffe_pb2.TRAIN,
             scale_factors=factors,
             ignore_label=int(self.param.image_data_param.ignore_label),
+            mean_image=mean_image,
         )
 
     def extra_repr(self) -> str:
@@ -314,16 +326,14 @@ class ImageSegData(_ImageListLayer):
                         "in colour", self.name)
         super().setup(bottom_shapes)
 
-    def needs_label_token(self) -> bool:
-        return self.param.image_data_param.label_type != _LabelType.NONE
-
-    def check_labels(self, entries: list[ListEntry]) -> None:
-        if self.param.image_data_param.label_type != _LabelType.IMAGE:
-            return
-        for entry in entries:
+    def read_entries(self) -> list[ListEntry]:
+        label_type = self.param.image_data_param.label_type
+        entries = read_list(self.source, label_type != _LabelType.NONE, self.who)
+        for entry in entries if label_type == _LabelType.IMAGE else ():
             if not _is_int_in(entry.label, 0, 255):
                 raise DataError(f"{self.who}: {entry.where(self.source)}: label_type IMAGE needs an integer "
                                 f"label in 0..255 as the second token, got '{entry.label}'")
+        return entries
 
     def make_reader(self, entries, config, new_size) -> _Reader:
         label_type = self.param.image_data_param.label_type
@@ -343,43 +353,64 @@ class ImageSegData(_ImageListLayer):
 @register_layer("ImageData")
 class ImageData(_ImageListLayer):
     """Images and one integer class each (upstream Caffe). Tops: data (N, C, h, w) with C = 3 (BGR)
-    or 1 (`is_color: false`, grey), = (pixel - mean) * scale; label (N,). Images must be at least
-    as large as the crop (no padding); `scale_factors` are not used by this layer."""
+    or 1 (`is_color: false`, grey), = (pixel - mean) * scale, the mean from `mean_value` or
+    `mean_file`; label (N,). Each list line is split at its last space. Images must be at least as
+    large as the crop (no padding); `scale_factors` are not used by this layer. As in Caffe, the
+    first image is read at set-up (an unreadable one fails there) and each batch takes the shape of
+    its first image."""
 
     tops = (2, 2)
 
     def setup(self, bottom_shapes: list[Shape]) -> None:
         self.channels = 3 if self.param.image_data_param.is_color else 1
-        if self.param.transform_param.scale_factors:
+        transform = self.param.transform_param
+        if transform.scale_factors:
             log.warning("layer '%s' (type ImageData): transform_param.scale_factors is ignored (as in "
                         "Caffe); only ImageSegData rescales", self.name)
+        if transform.force_color or transform.force_gray:
+            log.warning("layer '%s' (type ImageData): transform_param.force_color/force_gray are ignored "
+                        "(as in Caffe, they apply to encoded Datums); image_data_param.is_color chooses "
+                        "colour or grey", self.name)
         super().setup(bottom_shapes)
 
-    def needs_label_token(self) -> bool:
-        return True
-
-    def check_labels(self, entries: list[ListEntry]) -> None:
+    def read_entries(self) -> list[ListEntry]:
+        entries = read_class_list(self.source, self.who)
         for entry in entries:
             if not _is_int_in(entry.label, -(2**31), 2**31 - 1):
-                raise DataError(f"{self.who}: {entry.where(self.source)}: the second token must be an "
-                                f"integer class, got '{entry.label}'")
+                raise DataError(f"{self.who}: {entry.where(self.source)}: the text after the last space "
+                                f"must be an integer class (int32), got '{entry.label}'")
+        return entries
+
+    def mean_image(self, transform) -> np.ndarray | None:
+        """Caffe's mean image: the image (after any resize) must have its channels and size."""
+        if not transform.HasField("mean_file"):
+            return None
+        if len(transform.mean_value):
+            raise self.error("give transform_param.mean_file or mean_value, not both (Caffe refuses both)")
+        try:
+            return read_mean_image(transform.mean_file)
+        except DataError as error:
+            raise self.error(f"transform_param.mean_file: {error}") from None
 
     def make_reader(self, entries, config, new_size) -> _Reader:
         return _ClassReader(entries, self.param.image_data_param.root_folder, self.source, self.who,
                             config, new_size, bool(self.param.image_data_param.is_color))
 
     def first_sample_shapes(self, first: ListEntry) -> list[Shape]:
-        crop = self.reader.config.crop
-        height, width = crop if crop else self.reader.read(first).shape[:2]
-        return self.sample_shapes(self.param, height, width)
+        """The first sample made whatever the crop, as Caffe's set-up reads the first image (its
+        random draws come from a generator of its own, not the layer's)."""
+        data = self.reader.sample(first, np.random.default_rng(0)).arrays[0]
+        return self.sample_shapes(self.param, *data.shape[1:])
 
     @classmethod
     def sample_shapes(cls, param: caffe_pb2.LayerParameter, height: int, width: int) -> list[Shape]:
         return [(3 if param.image_data_param.is_color else 1, height, width), ()]
 
 
+_DECIMAL = re.compile(r"\s*[+-]?[0-9]+\s*")
+
+
 def _is_int_in(token: str | None, low: int, high: int) -> bool:
-    try:
-        return low <= int(token) <= high
-    except (TypeError, ValueError):
-        return False
+    """A C-style decimal integer (sign, ASCII digits, surrounding whitespace such as a CRLF's
+    carriage return) within [low, high]; Python's extras (`1_000`, other scripts' digits) refused."""
+    return token is not None and _DECIMAL.fullmatch(token) is not None and low <= int(token) <= high

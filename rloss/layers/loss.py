@@ -79,6 +79,10 @@ def caffe_normaliser(mode: int, valid: torch.Tensor, outer: int, inner: int) -> 
 class SoftmaxWithLoss(Layer):
     """Mean (per the normalisation mode) of -log softmax(score)[label] over non-ignored locations.
 
+    SegNet's fork: with loss_param.weight_by_label_freqs each location's term is multiplied by
+    class_weighting[label] (one weight per class), the divisor unchanged (the count of locations,
+    not the sum of their weights); without it class_weighting is not read.
+
     The optional second top (the probabilities) is detached: Caffe's backward reads only the loss
     top's diff, so a gradient arriving on the probabilities never reaches the scores."""
 
@@ -94,9 +98,16 @@ class SoftmaxWithLoss(Layer):
         self.ignore_label = optional_ignore_label(loss_param)
         self.normalization = normalization_mode(loss_param)
         self.axis = self.canonical_axis(self.param.softmax_param.axis, bottom_shapes[0])
+        self.weighted = bool(loss_param.weight_by_label_freqs)
+        if self.weighted:
+            weights = torch.tensor(list(loss_param.class_weighting), dtype=torch.float32)
+            self.register_buffer("class_weights", weights, persistent=False)
 
     def reshape(self, bottom_shapes: list[Shape]) -> list[Shape]:
-        label_layout(self, bottom_shapes, self.axis)
+        _, classes, _ = label_layout(self, bottom_shapes, self.axis)
+        if self.weighted and len(self.class_weights) != classes:
+            raise self.error(f"weight_by_label_freqs needs one class_weighting value per class: "
+                             f"{len(self.class_weights)} values for {classes} classes")
         return [()] + [bottom_shapes[0]] * (self.num_tops - 1)
 
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
@@ -107,6 +118,8 @@ class SoftmaxWithLoss(Layer):
         picked = log_p.gather(1, torch.where(counted[:, None], int_labels, 0)).squeeze(1)
         # Caffe clamps p at FLT_MIN in the value only; its gradient stays p - onehot everywhere.
         picked = picked + (picked.clamp(min=LOG_FLT_MIN) - picked).detach()
+        if self.weighted:
+            picked = picked * self.class_weights.to(picked.dtype)[torch.where(counted, int_labels[:, 0], 0)]
         total = -torch.where(counted, picked, torch.zeros_like(picked)).sum()
         loss = total / caffe_normaliser(self.normalization, counted.sum(), outer, inner)
         tops = [loss]

@@ -233,7 +233,7 @@ def max_pool(
         if not with_mask:
             return F.max_pool2d(x, kernel, stride, pad, ceil_mode=True), None
         y, index = F.max_pool2d(x, kernel, stride, pad, ceil_mode=True, return_indices=True)
-        return y, index.to(x.dtype)
+        return y, index.to(_mask_dtype(x))
     padded = _pad_to_windows(x, kernel, stride, pad, out, -FLT_MAX)
     if not with_mask:
         return F.max_pool2d(padded, kernel, stride), None
@@ -243,7 +243,13 @@ def max_pool(
     cols = index % padded.shape[-1] - pad[1]
     inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
     mask = torch.where(inside, rows * width + cols, torch.full_like(index, -1))
-    return y, mask.to(x.dtype)
+    return y, mask.to(_mask_dtype(x))
+
+
+def _mask_dtype(x: torch.Tensor) -> torch.dtype:
+    """The mask top's dtype: Caffe's float blob, never narrower than float32, whose 24-bit significand
+    holds every index of a plane up to 2^24 pixels (bf16 would round indices from 256 on)."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def ave_pool(x: torch.Tensor, kernel: Pair, stride: Pair, pad: Pair, out: Pair) -> torch.Tensor:
