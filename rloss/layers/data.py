@@ -113,6 +113,13 @@ class SourceLayer(Layer):
                                    f"({len(order)} values): a state of another list or dataset?")
         return order.astype(np.int64)
 
+    def saved_generator(self, message: caffe_pb2.PCG64State) -> dict:
+        """A saved PCG64 state as numpy's bit-generator state, refused unless it is a valid one."""
+        generator = generator_state(message)
+        if generator is None:
+            raise self.state_error("the saved state has no valid PCG64 generator (16-byte state and increment)")
+        return generator
+
     def saved_index(self, value: int, limit: int, what: str) -> int:
         """A saved position, refused beyond `limit`."""
         if value > limit:
@@ -290,9 +297,7 @@ class HDF5Data(SourceLayer):
         where = f"row order of HDF5 file '{self.files[file_order[file_cursor]][0]}'"
         row_order = self.saved_order(state.order, len(arrays[0]), where)
         self.row = self.saved_index(state.cursor, len(row_order), "row")
-        generator = generator_state(state.generator) if state.HasField("generator") else None
-        if state.HasField("generator") and generator is None:
-            raise self.state_error("the saved state has no valid PCG64 generator (16-byte state and increment)")
+        generator = self.saved_generator(state.generator) if state.HasField("generator") else None
         self.file_order, self.file_cursor, self.arrays, self.row_order = file_order, file_cursor, arrays, row_order
         if generator is not None:
             self.rng.bit_generator.state = generator

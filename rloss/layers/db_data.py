@@ -36,7 +36,7 @@ from rloss.data.prefetch import Prefetcher
 from rloss.data.transform import TransformConfig, read_mean_image, transform_image
 from rloss.errors import DataError
 from rloss.layers.base import Shape
-from rloss.layers.data import DataShare, SourceLayer, generator_message, generator_state, torch_drawn_seed
+from rloss.layers.data import DataShare, SourceLayer, generator_message, torch_drawn_seed
 from rloss.layers.registry import register_layer
 from rloss.proto import caffe_pb2
 
@@ -350,9 +350,7 @@ class Data(SourceLayer):
     def load_data_state(self, state: caffe_pb2.DataLayerState) -> None:
         """Continue after the batches `state` counts: the read-ahead is dropped and planned again."""
         cursor = self.saved_index(state.cursor, self.cursor.count - 1, f"position in the LMDB database '{self.source}'")
-        generator = generator_state(state.generator)
-        if generator is None:
-            raise self.state_error("the saved state has no valid PCG64 generator (16-byte state and increment)")
+        generator = self.saved_generator(state.generator)
         self.cursor.move_to(_Position(cursor, int(state.epoch), generator))
         self.prefetcher.restart()
 

@@ -38,7 +38,7 @@ from rloss.data.resize import resize_linear, resize_nearest
 from rloss.data.transform import TransformConfig, read_mean_image, transform_image, transform_segmentation
 from rloss.errors import DataError
 from rloss.layers.base import Shape
-from rloss.layers.data import DataShare, SourceLayer, generator_message, generator_state, torch_drawn_seed
+from rloss.layers.data import DataShare, SourceLayer, generator_message, torch_drawn_seed
 from rloss.layers.registry import register_layer
 from rloss.proto import caffe_pb2
 
@@ -219,9 +219,7 @@ class _ImageListLayer(SourceLayer):
         prefetcher plans again from the restored order and generator."""
         order = self.saved_order(state.order, self.order.count, f"sample order of the list '{self.source}'")
         cursor = self.saved_index(state.cursor, self.order.count - 1, "list position")
-        generator = generator_state(state.generator)
-        if generator is None:
-            raise self.state_error("the saved state has no valid PCG64 generator (16-byte state and increment)")
+        generator = self.saved_generator(state.generator)
         self.order.set_state(OrderState(order, cursor, int(state.epoch), generator))
         self.prefetcher.restart()
 

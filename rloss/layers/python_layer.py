@@ -36,6 +36,7 @@ from rloss.layers.base import Layer, Shape
 from rloss.layers.registry import register_layer
 from rloss.proto import caffe_pb2
 from rloss.proto.blob import shape_problem
+from rloss.pycaffe_blob import Blob
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 _net_folder: contextvars.ContextVar[Path | None] = contextvars.ContextVar("python_layer_net_folder", default=None)
@@ -83,67 +84,44 @@ def _host_copy(tensor: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     return tensor.detach().to(device="cpu", dtype=dtype, copy=True).numpy()
 
 
-class PythonBlob:
+class PythonBlob(Blob):
     """A blob as a Python layer's code sees it (pycaffe's Blob): `data` and `diff` are numpy arrays of
     `shape`, written in place (`top[0].data[...] = x`). `reshape` to a new shape gives zeros (Caffe
     keeps the memory, its values then undefined); to the same shape it keeps the values, as Caffe."""
 
     def __init__(self, dtype, shape: Sequence[int] | None = None):
-        self._data = np.zeros((0,), dtype)
-        self._diff: np.ndarray | None = None
+        self._values = np.zeros((0,), dtype)
+        self._gradient: np.ndarray | None = None
         self.reshaped = False  # a top the user's code never shaped is an error, not a 0-sized blob
         if shape is not None:
             self.reshape(*shape)
 
-    @property
-    def data(self) -> np.ndarray:
-        return self._data
+    def _data(self) -> np.ndarray:
+        return self._values
 
-    @data.setter
-    def data(self, value) -> None:
-        self._data[...] = value
-
-    @property
-    def diff(self) -> np.ndarray:
-        if self._diff is None:  # made when first asked for: most forwards never read a diff
-            self._diff = np.zeros_like(self._data)
-        return self._diff
-
-    @diff.setter
-    def diff(self, value) -> None:
-        self.diff[...] = value
+    def _diff(self) -> np.ndarray:
+        if self._gradient is None:  # made when first asked for: most forwards never read a diff
+            self._gradient = np.zeros_like(self._values)
+        return self._gradient
 
     @property
     def shape(self) -> Shape:
-        return tuple(self._data.shape)
-
-    @property
-    def count(self) -> int:
-        return int(self._data.size)
-
-    def _legacy_dim(self, axis: int) -> int:
-        """Caffe's LegacyShape: num/channels/height/width, 1 for an axis the blob does not have."""
-        return self.shape[axis] if axis < len(self.shape) else 1
-
-    num = property(lambda self: self._legacy_dim(0))
-    channels = property(lambda self: self._legacy_dim(1))
-    height = property(lambda self: self._legacy_dim(2))
-    width = property(lambda self: self._legacy_dim(3))
+        return tuple(self._values.shape)
 
     def reshape(self, *dims: int) -> None:
         shape = _dims(dims)
         if self.reshaped and shape == self.shape:
             return
-        self._data, self._diff, self.reshaped = np.zeros(shape, self._data.dtype), None, True
+        self._values, self._gradient, self.reshaped = np.zeros(shape, self._values.dtype), None, True
 
     def hold(self, data: np.ndarray, diff: np.ndarray | None = None) -> None:
         """Make the blob show these arrays (the layer's side: values in, before a call)."""
-        self._data, self._diff, self.reshaped = data, diff, True
+        self._values, self._gradient, self.reshaped = data, diff, True
 
     def cast(self, dtype) -> None:
         """Hold float64 arrays in a net moved to double (gradient checks), float32 otherwise."""
-        if self._data.dtype != dtype:
-            self._data, self._diff = self._data.astype(dtype), None
+        if self._values.dtype != dtype:
+            self._values, self._gradient = self._values.astype(dtype), None
 
 
 class LearnableBlobs(list):
