@@ -14,7 +14,7 @@ from PIL import Image
 
 from rloss import io as rio
 from rloss.errors import MAX_MESSAGE_CHARS, DataError, LayerError, NetError, ProtoError, RlossError, WeightsError
-from rloss.layers import image_data, layer_class
+from rloss.layers import layer_class, prefetching
 from rloss.net import Net
 from rloss.proto import blob as blob_module
 from rloss.proto import caffe_pb2
@@ -123,7 +123,7 @@ def seg_list(tmp_path: Path) -> Path:
     ("batch_size: 1000000000", "crop_size: 3", "(1000000000, 3, 3, 3)"),
 ])
 def test_image_seg_data_sizes_are_refused_at_construction(seg_list, monkeypatch, data_extra, transform, shape):
-    monkeypatch.setattr(image_data, "Prefetcher", None)  # refused before any loader starts
+    monkeypatch.setattr(prefetching, "Prefetcher", None)  # refused before any loader starts
     batch = "" if "batch_size" in data_extra else "batch_size: 1"
     text = (f'name: "data" type: "ImageSegData" top: "data" top: "label" '
             f'image_data_param {{ source: "{seg_list}" label_type: PIXEL {batch} {data_extra} }} '

@@ -18,7 +18,7 @@ from PIL import Image
 from rloss import caffe
 from rloss.cli.main import main
 from rloss.data.synthetic import write_dataset
-from rloss.errors import NetError, SolverError
+from rloss.errors import LayerError, NetError, SolverError
 from tests.shared_data import REPO
 
 BASE_LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 0.0005
@@ -247,6 +247,65 @@ def test_net_structure_names_and_blob_shapes(tmp_path: Path) -> None:
     assert [p.shape for p in net.params["conv"]] == [(6, 2, 2, 2), (6,)]
     assert [p.shape for p in net.layers[2].blobs] == [(NUM_CLASSES, 6 * 4 * 5), (NUM_CLASSES,)]
     assert isinstance(net.params["ip"][0], caffe.Blob) and isinstance(data, caffe.Blob)
+
+
+RESHAPE_NET = """name: "deploy"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 dim: 6 dim: 7 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 4 kernel_size: 3 pad: 1 stride: 2 weight_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+"""
+
+
+def caffe_output_size(size: int, kernel: int, pad: int, stride: int, ceil: bool) -> int:
+    """Caffe's convolution (floor) and pooling (ceil) output size (spec 2.1, 2.3)."""
+    span = size + 2 * pad - kernel
+    return (-(-span // stride) if ceil else span // stride) + 1
+
+
+def test_layer_reshape_shapes_the_tops_as_caffes_formulas(tmp_path: Path) -> None:
+    (tmp_path / "reshape.prototxt").write_text(RESHAPE_NET)
+    net = caffe.Net(str(tmp_path / "reshape.prototxt"), caffe.TEST)
+    conv, pool = net.layer_dict["conv"], net.layer_dict["pool"]
+    net.blobs["data"].reshape(2, 2, 9, 12)
+    conv.reshape([net.blobs["data"]], [net.blobs["conv"]])
+    height, width = caffe_output_size(9, 3, 1, 2, False), caffe_output_size(12, 3, 1, 2, False)
+    assert net.blobs["conv"].shape == (2, 4, height, width) == (2, 4, 5, 6)
+    assert not net.blobs["conv"].data.any()
+    pool.reshape([net.blobs["conv"]], [net.blobs["pool"]])
+    pooled = (caffe_output_size(height, 2, 0, 2, True), caffe_output_size(width, 2, 0, 2, True))
+    assert net.blobs["pool"].shape == (2, 4, *pooled) == (2, 4, 3, 3)
+    net.blobs["data"].data[...] = np.random.RandomState(2).uniform(size=(2, 2, 9, 12))
+    assert net.forward()["pool"].shape == net.blobs["pool"].shape  # what a forward computes agrees
+    net.blobs["data"].reshape(1, 3, 9, 12)  # three channels for a layer set up for two
+    with pytest.raises(LayerError, match="layer 'conv'.*3 channels, the layer was set up for 2"):
+        conv.reshape([net.blobs["data"]], [net.blobs["conv"]])
+    with pytest.raises(NetError, match="1 bottoms and 1 tops; given 2 and 1"):
+        conv.reshape([net.blobs["data"], net.blobs["data"]], [net.blobs["conv"]])
+
+
+def test_layer_setup_keeps_the_parameters_or_refuses_other_ones(tmp_path: Path, workspace: Path,
+                                                               monkeypatch) -> None:
+    (tmp_path / "reshape.prototxt").write_text(RESHAPE_NET)
+    net = caffe.Net(str(tmp_path / "reshape.prototxt"), caffe.TEST)
+    conv = net.layer_dict["conv"]
+    weights = conv.blobs[0].data.copy()
+    net.blobs["data"].reshape(3, 2, 10, 10)  # another batch and size: the same parameters
+    conv.setup([net.blobs["data"]], [net.blobs["conv"]])
+    np.testing.assert_array_equal(conv.blobs[0].data, weights)  # kept, not filled again
+    net.blobs["data"].reshape(1, 5, 10, 10)
+    with pytest.raises(LayerError, match=r"layer 'conv'.*need parameter blobs of shapes \[\(4, 5, 3, 3\), \(4,\)\]"):
+        conv.setup([net.blobs["data"]], [net.blobs["conv"]])
+    net.blobs["data"].reshape(1, 2, 6, 7)  # the refusal left the layer as it was: set up for 2 channels
+    assert net.forward()["pool"].shape == (1, 4, 2, 2)
+    np.testing.assert_array_equal(conv.blobs[0].data, weights)
+    monkeypatch.chdir(workspace)
+    monkeypatch.setenv("DATA_ROOT", f"{workspace / 'data'}/")
+    reading = caffe.Net("tiny.prototxt", caffe.TRAIN)
+    data = reading.layer_dict["data"]
+    tops = [reading.blobs[name] for name in ("data", "label", "data_dim")]
+    with pytest.raises(LayerError, match="data layer cannot be set up again"):
+        data.setup([], tops)
 
 
 def test_forward_from_start_reads_the_blobs_as_they_stand(tmp_path: Path) -> None:

@@ -192,6 +192,38 @@ def fresh_module_name():
     sys.modules.pop(name, None)
 
 
+class CountingScaleLayer(PythonLayerBase):
+    """top = w * bottom with one learnable blob w of the bottom's width; counts its setups."""
+
+    def setup(self, bottom, top):
+        self.setups = getattr(self, "setups", 0) + 1
+        self.blobs.add_blob(bottom[0].shape[-1])
+        self.blobs[0].data[...] = 2.0
+
+    def reshape(self, bottom, top):
+        top[0].reshape(*bottom[0].shape)
+
+    def forward(self, bottom, top):
+        top[0].data[...] = self.setups * bottom[0].data * self.blobs[0].data
+
+
+def test_pycaffe_layer_setup_runs_again_on_the_same_instance_and_keeps_the_blobs(tmp_path):
+    from rloss import caffe
+    path = tmp_path / "count.prototxt"
+    path.write_text('name: "count" input: "x" input_shape { dim: 2 dim: 3 } '
+                    + python_layer("count", "CountingScaleLayer", ["x"], ["y"]))
+    net = caffe.Net(str(path), caffe.TEST)
+    layer = net.layer_dict["count"]
+    layer.blobs[0].data[...] = [1.0, -1.0, 0.5]  # as trained: a second setup must not fill it again
+    layer.setup([net.blobs["x"]], [net.blobs["y"]])
+    np.testing.assert_array_equal(layer.blobs[0].data, [1.0, -1.0, 0.5])
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_allclose(net.forward(x=x)["y"], 2 * x * [1.0, -1.0, 0.5])  # setups == 2: one instance
+    net.blobs["x"].reshape(2, 4)
+    with pytest.raises(LayerError, match=r"need parameter blobs of shapes \[\(4,\)\], the layer's are \[\(3,\)\]"):
+        layer.setup([net.blobs["x"]], [net.blobs["y"]])
+
+
 # ---- forward and backward -------------------------------------------------------------------------
 
 def test_multiply_layers_forward_and_backward_through_a_net():

@@ -27,6 +27,7 @@ from rloss.errors import NetError
 from rloss.layers.memory_data import MemoryData
 from rloss.net import Net as _Net
 from rloss.proto import caffe_pb2
+from rloss.pycaffe_blob import Blob
 from rloss.variables import variable_values
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -34,12 +35,13 @@ Arrays = Mapping[str, np.ndarray]
 
 
 class NetLayer:
-    """One layer of a net, as pycaffe shows it: `.type` and `.blobs` (its parameters); also `.param`,
-    its LayerParameter (an rloss addition: pycaffe scripts re-read the prototxt for that)."""
+    """One layer of a net, as pycaffe shows it: `.type`, `.blobs` (its parameters), `.setup` and
+    `.reshape`; also `.param`, its LayerParameter (an rloss addition: pycaffe scripts re-read the
+    prototxt for that)."""
 
-    def __init__(self, layer, copies: HostCopies):
+    def __init__(self, layer, owner: Net):
         self._layer = layer
-        self._copies = copies
+        self._owner = owner
 
     @property
     def type(self) -> str:
@@ -51,7 +53,32 @@ class NetLayer:
 
     @property
     def blobs(self) -> list[ParamBlob]:
-        return [ParamBlob(p, self._copies) for p in self._layer.blobs]
+        return [ParamBlob(p, self._owner._copies) for p in self._layer.blobs]
+
+    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        """Caffe's LayerSetUp for bottoms of these blobs' shapes (parameters kept); the tops are not
+        touched, as in Caffe: `reshape` shapes them."""
+        self._check_blob_counts(bottom, top)
+        self._layer.setup_again([blob.shape for blob in bottom])
+
+    def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        """Caffe's Reshape: the tops take the shapes the layer gives for these bottoms' shapes (a top
+        whose shape changes holds zeros), or the layer's error for bottoms it cannot take."""
+        self._check_blob_counts(bottom, top)
+        shapes = self._layer.reshape([tuple(blob.shape) for blob in bottom])
+        for blob, shape in zip(top, shapes):
+            if tuple(blob.shape) == tuple(shape):
+                continue
+            if isinstance(blob, NetBlob):
+                self._owner._shape_blob(blob, shape)
+            else:
+                blob.reshape(*shape)
+
+    def _check_blob_counts(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        layer = self._layer
+        if len(bottom) != len(layer.param.bottom) or len(top) != layer.num_tops:
+            raise NetError(f"layer '{layer.name}' (type {self.type}) has {len(layer.param.bottom)} bottoms and "
+                           f"{layer.num_tops} tops; given {len(bottom)} and {len(top)} blobs")
 
 
 class Net:
@@ -99,7 +126,7 @@ class Net:
 
     @property
     def layers(self) -> list[NetLayer]:
-        return [NetLayer(layer, self._copies) for layer in self._net.layers]
+        return [NetLayer(layer, self) for layer in self._net.layers]
 
     @property
     def layer_dict(self) -> OrderedDict[str, NetLayer]:
@@ -278,6 +305,13 @@ class Net:
     def _diff_array(self, name: str) -> np.ndarray:
         self._sync()
         return self._copies.array(self._net.diff_tensor(name))
+
+    def _shape_blob(self, blob: NetBlob, shape: Sequence[int]) -> None:
+        """Blob `blob` of this net holds zeros of `shape` (a layer's Reshape through pycaffe)."""
+        if blob._owner is not self:
+            raise NetError(f"blob '{blob._name}' is a blob of another net")
+        self._push_host_writes()
+        self._net.blob_data[blob._name] = torch.zeros(tuple(shape), device=self._net.device)
 
     def _reshape_input(self, name: str, shape: tuple[int, ...]) -> None:
         if name not in self._net.feedable:

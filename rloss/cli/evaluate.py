@@ -107,7 +107,7 @@ def test_list(net: Net) -> TestList | None:
     layer = next((layer for layer in net.layers if layer.param.type in LIST_LAYERS), None)
     if layer is None:
         return None
-    return TestList(layer.source, layer.order.count, layer.batch_size)
+    return TestList(layer.source, layer.walk.count, layer.batch_size)
 
 
 def plan_iterations(requested: int | None, listed: TestList | None, allow_wrap: bool) -> Plan:

@@ -79,6 +79,31 @@ class Layer(nn.Module):
         """The tops, computed from the bottoms (Caffe's Forward)."""
         raise NotImplementedError
 
+    def setup_again(self, bottom_shapes: Sequence[Shape]) -> None:
+        """Caffe's LayerSetUp called on a built layer (pycaffe's `layer.setup`): the parameters read and
+        checked for these bottoms again, the parameter blobs kept (Caffe skips the initialisation of
+        blobs a layer has) and refused when these bottoms would need others. A refusal leaves the
+        layer as it was."""
+        if getattr(self, "has_data_state", False):
+            raise self.error("a data layer cannot be set up again: it would restart its reading (Caffe "
+                             "fails the same way); build a new net instead")
+        shapes = [tuple(int(d) for d in s) for s in bottom_shapes]
+        self._check_count("bottom", len(shapes), self.bottoms)
+        saved = {key: dict(value) if isinstance(value, dict) else value for key, value in vars(self).items()}
+        kept = self.blobs
+        try:
+            self.blobs = nn.ParameterList()
+            self.setup(shapes)
+            needed, have = [tuple(b.shape) for b in self.blobs], [tuple(b.shape) for b in kept]
+            if needed != have:
+                raise self.error(f"bottoms of shapes {shapes} need parameter blobs of shapes {needed}, the "
+                                 f"layer's are {have}")
+        except BaseException:
+            vars(self).clear()
+            vars(self).update(saved)
+            raise
+        self.blobs = kept
+
     # ---- helpers for subclasses ---------------------------------------------------------------
     def error(self, message: str) -> LayerError:
         """An error naming this layer and its type."""

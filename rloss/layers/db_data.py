@@ -22,8 +22,8 @@ import io
 import logging
 import os
 import threading
-import weakref
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -32,11 +32,11 @@ from google.protobuf.message import DecodeError
 from PIL import Image
 
 from rloss.data.imageio import libpng_gray
-from rloss.data.prefetch import Prefetcher
 from rloss.data.transform import TransformConfig, read_mean_image, transform_image
 from rloss.errors import DataError
 from rloss.layers.base import Shape
-from rloss.layers.data import DataShare, SourceLayer, generator_message, torch_drawn_seed
+from rloss.layers.data import DataShare, generator_message, torch_drawn_seed
+from rloss.layers.prefetching import PrefetchingSource
 from rloss.layers.registry import register_layer
 from rloss.proto import caffe_pb2
 
@@ -71,7 +71,7 @@ class _Position:
 
 class _KeyOrderCursor:
     """Caffe's LMDB cursor: entries in key order, back to the first one after the last. It also
-    draws each record's seed, so that `position()` covers every draw the layer makes."""
+    draws each record's seed, so that `state()` covers every draw the layer makes."""
 
     def __init__(self, environment, rng: np.random.Generator):
         self.count = int(environment.stat()["entries"])
@@ -97,10 +97,10 @@ class _KeyOrderCursor:
             self.epoch += 1
         return record
 
-    def position(self) -> _Position:
+    def state(self) -> _Position:
         return _Position(self.index, self.epoch, self.rng.bit_generator.state)
 
-    def move_to(self, position: _Position) -> None:
+    def set_state(self, position: _Position) -> None:
         """Continue from `position` (its cursor checked by the caller to be < count): the cursor walks
         there from the first key, as LMDB has no seek by index."""
         self._cursor.first()
@@ -247,7 +247,7 @@ class _OpenDatabases:
         self._lock = threading.RLock()  # a layer's finalizer may run (garbage collection) while it is held
         self._open: dict[str, list] = {}  # real path -> [environment, number of layers using it]
 
-    def acquire(self, source: str, layer: SourceLayer) -> tuple[str, Any]:
+    def acquire(self, source: str, layer: PrefetchingSource) -> tuple[str, Any]:
         """(the key to `release` it with, the environment)."""
         try:
             import lmdb
@@ -281,18 +281,11 @@ class _OpenDatabases:
 _DATABASES = _OpenDatabases()
 
 
-def _shut(prefetcher: Prefetcher | None, database: str) -> None:
-    if prefetcher is not None:
-        prefetcher.close()
-    _DATABASES.release(database)
-
-
 @register_layer("Data")
-class Data(SourceLayer):
+class Data(PrefetchingSource):
     """Caffe's Data layer over an LMDB database (see the module docstring)."""
 
     tops = (1, 2)
-    has_data_state = True
 
     def setup(self, bottom_shapes: list[Shape]) -> None:
         data_param = self.param.data_param
@@ -312,22 +305,19 @@ class Data(SourceLayer):
         transform = self._datum_transform()
         database, environment = _DATABASES.acquire(self.source, self)
         try:
-            self.cursor = _KeyOrderCursor(environment, np.random.default_rng(torch_drawn_seed()))
-            if not self.cursor.count:
+            cursor = _KeyOrderCursor(environment, np.random.default_rng(torch_drawn_seed()))
+            if not cursor.count:
                 raise DataError(f"{self.who}: the LMDB database '{self.source}' is empty")
-            record = self.cursor.current()
+            record = cursor.current()
             first = transform(record)
             self.sample_shape: Shape = tuple(first.data.shape)
             self.check_top_shapes(self.reshape(bottom_shapes))  # before the loaders allocate batches
         except BaseException:
-            _shut(None, database)
+            _DATABASES.release(database)
             raise
         self._warn_forced_decoding(record, first.where)
-        self.share = DataShare()
-        self.prefetcher = Prefetcher(_planner(self.cursor, self.batch_size, self.share), transform,
-                                     depth=int(data_param.prefetch), name=f"rloss-data-{self.name}",
-                                     capture=self.cursor.position)
-        self._shut = weakref.finalize(self, _shut, self.prefetcher, database)
+        self.start_prefetching(cursor, lambda share: _planner(cursor, self.batch_size, share), transform,
+                               int(data_param.prefetch), partial(_DATABASES.release, database))
 
     def reshape(self, bottom_shapes: list[Shape]) -> list[Shape]:
         shapes = [(self.batch_size, *self.sample_shape)]
@@ -343,34 +333,17 @@ class Data(SourceLayer):
     # ---- resume and data-parallel sharing -------------------------------------------------------
     def data_state(self) -> caffe_pb2.DataLayerState:
         """The position after the batches `forward` has returned (the read-ahead is not counted)."""
-        position: _Position = self.prefetcher.consumed_state()
+        position: _Position = self.consumed_state()
         return self.new_data_state(epoch=position.epoch, cursor=position.cursor,
                                    generator=generator_message(position.generator))
 
     def load_data_state(self, state: caffe_pb2.DataLayerState) -> None:
         """Continue after the batches `state` counts: the read-ahead is dropped and planned again."""
-        cursor = self.saved_index(state.cursor, self.cursor.count - 1, f"position in the LMDB database '{self.source}'")
-        generator = self.saved_generator(state.generator)
-        self.cursor.move_to(_Position(cursor, int(state.epoch), generator))
-        self.prefetcher.restart()
+        cursor = self.saved_index(state.cursor, self.walk.count - 1, f"position in the LMDB database '{self.source}'")
+        self.continue_from(_Position(cursor, int(state.epoch), self.saved_generator(state.generator)))
 
-    def shard(self, rank: int, ranks: int) -> None:
-        """Read only the batches `rank`, `rank + ranks`, ... of the sequence (data-parallel training,
-        rloss's rule for every data layer: Caffe deals single records round robin instead)."""
-        DataShare(rank, ranks).check(-(-self.cursor.count // self.batch_size),
-                                     f"{self.who}: the {self.cursor.count} entries of '{self.source}'")
-        self.cursor.move_to(self.prefetcher.consumed_state())
-        self.share.rank, self.share.ranks = rank, ranks
-        self.prefetcher.restart()
-
-    @property
-    def data_wait_seconds(self) -> float:
-        """Total time `forward` has been blocked waiting for the background loaders."""
-        return self.prefetcher.waited_seconds
-
-    def close(self) -> None:
-        """Stop the background loaders and close the database (also done when the layer is collected)."""
-        self._shut()
+    def dataset_words(self) -> str:
+        return f"the {self.walk.count} entries of '{self.source}'"
 
     # ---- parameters -----------------------------------------------------------------------------
     def _datum_transform(self) -> _DatumTransform:

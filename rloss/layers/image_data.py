@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import re
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -33,12 +32,12 @@ import torch
 
 from rloss.data.imageio import read_bgr, read_gray, read_label
 from rloss.data.listfile import ListEntry, OrderState, SampleOrder, read_class_list, read_list
-from rloss.data.prefetch import Prefetcher
 from rloss.data.resize import resize_linear, resize_nearest
 from rloss.data.transform import TransformConfig, read_mean_image, transform_image, transform_segmentation
 from rloss.errors import DataError
 from rloss.layers.base import Shape
-from rloss.layers.data import DataShare, SourceLayer, generator_message, torch_drawn_seed
+from rloss.layers.data import DataShare, generator_message, torch_drawn_seed
+from rloss.layers.prefetching import PrefetchingSource
 from rloss.layers.registry import register_layer
 from rloss.proto import caffe_pb2
 
@@ -146,7 +145,7 @@ def _planner(order: SampleOrder, rng: np.random.Generator, batch_size: int,
     return plan
 
 
-class _ImageListLayer(SourceLayer):
+class _ImageListLayer(PrefetchingSource):
     """What ImageSegData and ImageData share: parameters, list, sample order, prefetching, batching."""
 
     channels = 3
@@ -168,16 +167,13 @@ class _ImageListLayer(SourceLayer):
         self.source = data_param.source
         entries = self.read_entries()
         rng = np.random.default_rng(torch_drawn_seed())
-        self.order = SampleOrder(len(entries), bool(data_param.shuffle), rng,
-                                 self._skip(data_param.rand_skip, len(entries), rng))
+        order = SampleOrder(len(entries), bool(data_param.shuffle), rng,
+                            self._skip(data_param.rand_skip, len(entries), rng))
         self.reader = self.make_reader(entries, self._transform_config(), self._new_size(data_param))
-        self.sample_shapes = self.first_sample_shapes(entries[self.order.peek()])
+        self.sample_shapes = self.first_sample_shapes(entries[order.peek()])
         self.check_top_shapes(self.reshape(bottom_shapes))  # before the loaders allocate batches
-        self.share = DataShare()
-        self.prefetcher = Prefetcher(_planner(self.order, rng, self.batch_size, self.share), self.reader,
-                                     depth=PREFETCH_BATCHES, name=f"rloss-data-{self.name}",
-                                     capture=self.order.state)
-        self._stop_workers = weakref.finalize(self, self.prefetcher.close)
+        self.start_prefetching(order, lambda share: _planner(order, rng, self.batch_size, share), self.reader,
+                               PREFETCH_BATCHES)
 
     # ---- for subclasses ---------------------------------------------------------------------------
     def read_entries(self) -> list[ListEntry]:
@@ -210,35 +206,19 @@ class _ImageListLayer(SourceLayer):
 
     def data_state(self) -> caffe_pb2.DataLayerState:
         """The position after the batches `forward` has returned (the read-ahead is not counted)."""
-        position: OrderState = self.prefetcher.consumed_state()
+        position: OrderState = self.consumed_state()
         return self.new_data_state(epoch=position.epoch, cursor=position.cursor, order=position.order.tolist(),
                                    generator=generator_message(position.generator))
 
     def load_data_state(self, state: caffe_pb2.DataLayerState) -> None:
         """Continue after the batches `state` counts: the batches read ahead are dropped and the
         prefetcher plans again from the restored order and generator."""
-        order = self.saved_order(state.order, self.order.count, f"sample order of the list '{self.source}'")
-        cursor = self.saved_index(state.cursor, self.order.count - 1, "list position")
-        generator = self.saved_generator(state.generator)
-        self.order.set_state(OrderState(order, cursor, int(state.epoch), generator))
-        self.prefetcher.restart()
+        order = self.saved_order(state.order, self.walk.count, f"sample order of the list '{self.source}'")
+        cursor = self.saved_index(state.cursor, self.walk.count - 1, "list position")
+        self.continue_from(OrderState(order, cursor, int(state.epoch), self.saved_generator(state.generator)))
 
-    def shard(self, rank: int, ranks: int) -> None:
-        """Read only the batches `rank`, `rank + ranks`, ... of the sequence (data-parallel training);
-        the batches read ahead so far are planned again."""
-        DataShare(rank, ranks).check(-(-self.order.count // self.batch_size), f"{self.who}: the list '{self.source}'")
-        self.order.set_state(self.prefetcher.consumed_state())
-        self.share.rank, self.share.ranks = rank, ranks
-        self.prefetcher.restart()
-
-    @property
-    def data_wait_seconds(self) -> float:
-        """Total time `forward` has been blocked waiting for the background loaders."""
-        return self.prefetcher.waited_seconds
-
-    def close(self) -> None:
-        """Stop the background loaders (also done when the layer is garbage-collected)."""
-        self._stop_workers()
+    def dataset_words(self) -> str:
+        return f"the list '{self.source}'"
 
     def _stack(self, arrays: list[np.ndarray], samples: Sequence[Sample]) -> torch.Tensor:
         for array, sample in zip(arrays, samples):

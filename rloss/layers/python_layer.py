@@ -241,7 +241,8 @@ class Python(Layer):
             raise self.error("python_param needs a module and a layer (the name of the class in the module)")
         self.class_name = f"{python.module}.{python.layer}"
         self._module_file: str | None = None
-        self.user = self._instantiate(python.module, python.layer)
+        if not hasattr(self, "user"):  # pycaffe's layer.setup runs the same instance's setup again
+            self.user = self._instantiate(python.module, python.layer)
         self.user.param_str = python.param_str
         self.user.phase = self.phase
         self.user.blobs = LearnableBlobs(self)
