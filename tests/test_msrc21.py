@@ -52,6 +52,10 @@ def test_quick_runs_the_whole_protocol(tmp_path: Path) -> None:
     for label in ("partial cross-entropy (phase 1)", "+ DenseCRF loss", "+ normalized cut loss", "(control)",
                   "full supervision"):
         assert label in table
+    val = json.loads((out / "results" / "summary.json").read_text())
+    difference = val["densecrf"]["1"] - val["control"]["1"]
+    assert (f"+ DenseCRF loss (phase 2) minus the control, paired by seed: {difference:+.2f} +- 0.00 "
+            f"({difference:+.2f}) (val)") in table
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "results" / "summary.png").stat().st_size > 0
     test_net = re.search(r"^test net: (\S+)", done.stdout, re.M)
@@ -65,6 +69,16 @@ def test_quick_runs_the_whole_protocol(tmp_path: Path) -> None:
     assert "normalized_cut_loss" in (out / "log" / "seed1" / "normalized_cut.log").read_text()
     assert "--set TRAIN_SET=train_full" in (out / "log" / "seed1" / "full_phase1.log").read_text()
     assert "--set DENSECRF_LOSS_WEIGHT=0" in (out / "log" / "seed1" / "control.log").read_text()
+    # the CRF-inference test net (README's diagnostic) scores the same model after mean-field inference
+    metrics = out / "crf_metrics.json"
+    scored = subprocess.run(
+        [sys.executable, "-m", "rloss", "test", f"--model={EXPER / 'testwithcrf.prototxt'}",
+         f"--weights={models['pce']}", f"--metrics_json={metrics}", "--set", f"DATA_ROOT={data}/",
+         "--set", f"LIST_DIR={out / 'list'}", "--set", "TEST_SET=val", "--set", "TEST_CROP_SIZE=161",
+         "--set", "NUM_LABELS=21", "--set", "BI_XY_STD=30", "--set", "BI_RGB_STD=15"],
+        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert 0 <= json.loads(metrics.read_text())["mean_iou"] <= 1
 
 
 def test_a_failed_step_names_itself_and_its_log(tmp_path: Path) -> None:

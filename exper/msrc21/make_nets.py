@@ -172,16 +172,28 @@ TEST_TAIL = """layer {
 layer { name: "silence" type: "Silence" bottom: "data_dim" }
 """
 
+# DeepLab's post-processing, for a diagnostic: mean-field inference of the fully connected CRF on the
+# scores (its Gaussian kernel as DeepLab's, its bilateral kernel at the DenseCRF loss's sigmas) before scoring.
+CRF_TEST_TAIL = """layer {
+  name: "crf" type: "DenseCRF" bottom: "fc_interp" bottom: "data_dim" bottom: "data" top: "crf"
+  dense_crf_param { max_iter: 10 pos_w: 3 pos_xy_std: 3 bi_w: 5 bi_xy_std: ${BI_XY_STD} bi_rgb_std: ${BI_RGB_STD} }
+}
+layer {
+  name: "accuracy" type: "SegAccuracy" bottom: "crf" bottom: "label" top: "accuracy"
+  seg_accuracy_param { ignore_label: 255 reset: false }
+}
+"""
+
 NET_COMMENT = """# MSRC-21 from scratch at half size: msrc_fov, a narrow LargeFOV-like net (7 3x3 convolutions with
 # BatchNorm, output stride 4, fc6 dilated by 8, fc7, fc8, Interp x4). See exper/msrc21/make_nets.py.
 """
 
 
 def net(kind: str) -> str:
-    """kind: train, test or a phase-2 net (PHASE2: trainwith<regularizer>)."""
+    """kind: train, test, testwithcrf (test after CRF inference) or a phase-2 net (PHASE2)."""
     text = HEADER + NET_COMMENT + f"# {kind}\nname: \"msrc_fov\"\n"
-    if kind == "test":
-        return text + data_layer("TEST") + body("TEST") + TEST_TAIL
+    if kind in ("test", "testwithcrf"):
+        return text + data_layer("TEST") + body("TEST") + (TEST_TAIL if kind == "test" else CRF_TEST_TAIL)
     text += data_layer("TRAIN") + body("TRAIN")
     regularizer = kind[len("trainwith"):] if kind != "train" else ""
     if regularizer:
@@ -212,7 +224,7 @@ solver_mode: CPU
 
 
 def files() -> dict[str, str]:
-    out = {f"{kind}.prototxt": net(kind) for kind in ("train", *PHASE2, "test")}
+    out = {f"{kind}.prototxt": net(kind) for kind in ("train", *PHASE2, "test", "testwithcrf")}
     out["solver.prototxt"] = solver("train")
     for kind in PHASE2:
         out[f"solver{kind[len('train'):]}.prototxt"] = solver(kind)

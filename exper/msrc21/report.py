@@ -68,8 +68,28 @@ def markdown(val: dict, train: dict, settings: str, seeds: list[str]) -> str:
         per_seed = ", ".join(f"{seed}: {value:.2f}" for seed, value in by_seed.items())
         lines.append(f"| {LABELS.get(condition, condition)} | {mean:.2f} +- {std:.2f} | {ratio} | "
                      f"{on_train} | {per_seed} |")
+    paired = [f"{line} ({split})" for split, table in (("val", val), ("the training images", train))
+              for line in paired_differences(table)]
+    lines += [""] + paired if paired else []
     lines += ["", "Settings: " + " ".join(settings.split()), ""]
     return "\n".join(lines)
+
+
+def paired_differences(table: dict) -> list[str]:
+    """Each phase-2 regularizer minus the control, seed by seed (the same phase-1 model and data
+    order): the difference the claim is about, with its spread over the seeds."""
+    if "control" not in table:
+        return []
+    lines = []
+    for condition, by_seed in table.items():
+        if condition in ("pce", "control", "full"):
+            continue
+        differences = [value - table["control"][seed] for seed, value in by_seed.items()]
+        mean, std = mean_std(differences)
+        per_seed = ", ".join(f"{difference:+.2f}" for difference in differences)
+        lines.append(f"- {LABELS.get(condition, condition)} minus the control, paired by seed: {mean:+.2f} +- "
+                     f"{std:.2f} ({per_seed})")
+    return lines
 
 
 def label_map(path: Path, size: tuple[int, int]) -> np.ndarray:
