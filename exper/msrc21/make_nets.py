@@ -165,24 +165,26 @@ LOSS = """layer {
 layer { name: "silence" type: "Silence" bottom: "data_dim" }
 """
 
-TEST_TAIL = """layer {
-  name: "accuracy" type: "SegAccuracy" bottom: "fc_interp" bottom: "label" top: "accuracy"
-  seg_accuracy_param { ignore_label: 255 reset: false }
-}
-layer { name: "silence" type: "Silence" bottom: "data_dim" }
+def accuracy_layer(scores: str) -> str:
+    """The test nets' scoring of blob `scores` against the label map."""
+    return f"""layer {{
+  name: "accuracy" type: "SegAccuracy" bottom: "{scores}" bottom: "label" top: "accuracy"
+  seg_accuracy_param {{ ignore_label: 255 reset: false }}
+}}
 """
 
-# DeepLab's post-processing, for a diagnostic: mean-field inference of the fully connected CRF on the
-# scores (its Gaussian kernel as DeepLab's, its bilateral kernel at the DenseCRF loss's sigmas) before scoring.
-CRF_TEST_TAIL = """layer {
+
+# The tails of the test nets: the scores as they are, or after DeepLab's post-processing (for a diagnostic):
+# mean-field inference of the fully connected CRF (its Gaussian kernel as DeepLab's, its bilateral kernel at
+# the DenseCRF loss's sigmas) before scoring.
+TEST_TAILS = {
+    "test": accuracy_layer("fc_interp") + 'layer { name: "silence" type: "Silence" bottom: "data_dim" }\n',
+    "testwithcrf": """layer {
   name: "crf" type: "DenseCRF" bottom: "fc_interp" bottom: "data_dim" bottom: "data" top: "crf"
   dense_crf_param { max_iter: 10 pos_w: 3 pos_xy_std: 3 bi_w: 5 bi_xy_std: ${BI_XY_STD} bi_rgb_std: ${BI_RGB_STD} }
 }
-layer {
-  name: "accuracy" type: "SegAccuracy" bottom: "crf" bottom: "label" top: "accuracy"
-  seg_accuracy_param { ignore_label: 255 reset: false }
+""" + accuracy_layer("crf"),
 }
-"""
 
 NET_COMMENT = """# MSRC-21 from scratch at half size: msrc_fov, a narrow LargeFOV-like net (7 3x3 convolutions with
 # BatchNorm, output stride 4, fc6 dilated by 8, fc7, fc8, Interp x4). See exper/msrc21/make_nets.py.
@@ -192,8 +194,8 @@ NET_COMMENT = """# MSRC-21 from scratch at half size: msrc_fov, a narrow LargeFO
 def net(kind: str) -> str:
     """kind: train, test, testwithcrf (test after CRF inference) or a phase-2 net (PHASE2)."""
     text = HEADER + NET_COMMENT + f"# {kind}\nname: \"msrc_fov\"\n"
-    if kind in ("test", "testwithcrf"):
-        return text + data_layer("TEST") + body("TEST") + (TEST_TAIL if kind == "test" else CRF_TEST_TAIL)
+    if kind in TEST_TAILS:
+        return text + data_layer("TEST") + body("TEST") + TEST_TAILS[kind]
     text += data_layer("TRAIN") + body("TRAIN")
     regularizer = kind[len("trainwith"):] if kind != "train" else ""
     if regularizer:
@@ -224,7 +226,7 @@ solver_mode: CPU
 
 
 def files() -> dict[str, str]:
-    out = {f"{kind}.prototxt": net(kind) for kind in ("train", *PHASE2, "test", "testwithcrf")}
+    out = {f"{kind}.prototxt": net(kind) for kind in ("train", *PHASE2, *TEST_TAILS)}
     out["solver.prototxt"] = solver("train")
     for kind in PHASE2:
         out[f"solver{kind[len('train'):]}.prototxt"] = solver(kind)

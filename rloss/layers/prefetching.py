@@ -54,9 +54,8 @@ class PrefetchingSource(SourceLayer):
         """Read only the batches `rank`, `rank + ranks`, ... of the one-process sequence (data-parallel
         training, rloss's rule for every data layer: Caffe's Data layer deals single records round robin)."""
         DataShare(rank, ranks).check(-(-self.walk.count // self.batch_size), f"{self.who}: {self.dataset_words()}")
-        self.walk.set_state(self.prefetcher.consumed_state())
         self.share.rank, self.share.ranks = rank, ranks
-        self.prefetcher.restart()
+        self.continue_from(self.consumed_state())
 
     @property
     def data_wait_seconds(self) -> float:
