@@ -69,16 +69,26 @@ def test_quick_runs_the_whole_protocol(tmp_path: Path) -> None:
     assert "normalized_cut_loss" in (out / "log" / "seed1" / "normalized_cut.log").read_text()
     assert "--set TRAIN_SET=train_full" in (out / "log" / "seed1" / "full_phase1.log").read_text()
     assert "--set DENSECRF_LOSS_WEIGHT=0" in (out / "log" / "seed1" / "control.log").read_text()
-    # the CRF-inference test net (README's diagnostic) scores the same model after mean-field inference
-    metrics = out / "crf_metrics.json"
+    # the README's two diagnostics score the same model: after CRF inference, and beside the DenseCRF loss
+    score_diagnostic("testwithcrf", models["pce"], out, data)
+    assert 0 <= json.loads((out / "testwithcrf.json").read_text())["mean_iou"] <= 1
+    scored = score_diagnostic("testwithdensecrfloss", models["pce"], out, data)
+    energy = re.search(r"densecrf_loss = (\S+) \(\* 1 = ", scored.stderr)
+    assert energy and float(energy.group(1)) < 0, scored.stderr[-3000:]  # -sum S'WS with W, S >= 0
+    assert json.loads((out / "testwithdensecrfloss.json").read_text())["mean_iou"] == json.loads(
+        (out / "log" / "seed1" / "metrics_pce_val.json").read_text())["mean_iou"]
+
+
+def score_diagnostic(net: str, model: str, out: Path, data: Path) -> subprocess.CompletedProcess:
+    """`rloss test` of exper/msrc21/NET.prototxt on QUICK's val list; its metrics in OUT/NET.json."""
     scored = subprocess.run(
-        [sys.executable, "-m", "rloss", "test", f"--model={EXPER / 'testwithcrf.prototxt'}",
-         f"--weights={models['pce']}", f"--metrics_json={metrics}", "--set", f"DATA_ROOT={data}/",
-         "--set", f"LIST_DIR={out / 'list'}", "--set", "TEST_SET=val", "--set", "TEST_CROP_SIZE=161",
-         "--set", "NUM_LABELS=21", "--set", "BI_XY_STD=30", "--set", "BI_RGB_STD=15"],
+        [sys.executable, "-m", "rloss", "test", f"--model={EXPER / f'{net}.prototxt'}", f"--weights={model}",
+         f"--metrics_json={out / f'{net}.json'}", "--set", f"DATA_ROOT={data}/", "--set", f"LIST_DIR={out / 'list'}",
+         "--set", "TEST_SET=val", "--set", "TEST_CROP_SIZE=161", "--set", "NUM_LABELS=21", "--set", "BI_XY_STD=30",
+         "--set", "BI_RGB_STD=15", "--set", "DENSECRF_LOSS_WEIGHT=1", "--set", "DENSECRF_SCALE=1"],
         env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert scored.returncode == 0, scored.stderr[-3000:]
-    assert 0 <= json.loads(metrics.read_text())["mean_iou"] <= 1
+    return scored
 
 
 def test_a_failed_step_names_itself_and_its_log(tmp_path: Path) -> None:

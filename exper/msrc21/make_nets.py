@@ -158,12 +158,14 @@ REGULARIZERS = {
 }
 PHASE2 = tuple(f"trainwith{regularizer}" for regularizer in REGULARIZERS)
 
+SOFTMAX = 'layer { name: "fc_softmax" type: "Softmax" bottom: "fc_interp" top: "fc_softmax" }\n'
+SILENCE_DIM = 'layer { name: "silence" type: "Silence" bottom: "data_dim" }\n'
 LOSS = """layer {
   name: "loss" type: "SoftmaxWithLoss" bottom: "fc_interp" bottom: "label" top: "softmax_loss"
   loss_param { ignore_label: 255 }
 }
-layer { name: "silence" type: "Silence" bottom: "data_dim" }
-"""
+""" + SILENCE_DIM
+
 
 def accuracy_layer(scores: str) -> str:
     """The test nets' scoring of blob `scores` against the label map."""
@@ -174,11 +176,13 @@ def accuracy_layer(scores: str) -> str:
 """
 
 
-# The tails of the test nets: the scores as they are, or after DeepLab's post-processing (for a diagnostic):
-# mean-field inference of the fully connected CRF (its Gaussian kernel as DeepLab's, its bilateral kernel at
-# the DenseCRF loss's sigmas) before scoring.
+# The tails of the test nets: the scores as they are; for two diagnostics, the scores after DeepLab's
+# post-processing (mean-field inference of the fully connected CRF, its Gaussian kernel as DeepLab's, its
+# bilateral kernel at the DenseCRF loss's sigmas) or the scores with the DenseCRF loss's value on each whole
+# image beside them (its relaxed energy, at DENSECRF_LOSS_WEIGHT 1: how far training lowered it).
 TEST_TAILS = {
-    "test": accuracy_layer("fc_interp") + 'layer { name: "silence" type: "Silence" bottom: "data_dim" }\n',
+    "test": accuracy_layer("fc_interp") + SILENCE_DIM,
+    "testwithdensecrfloss": SOFTMAX + REGULARIZERS["densecrfloss"] + accuracy_layer("fc_interp") + SILENCE_DIM,
     "testwithcrf": """layer {
   name: "crf" type: "DenseCRF" bottom: "fc_interp" bottom: "data_dim" bottom: "data" top: "crf"
   dense_crf_param { max_iter: 10 pos_w: 3 pos_xy_std: 3 bi_w: 5 bi_xy_std: ${BI_XY_STD} bi_rgb_std: ${BI_RGB_STD} }
@@ -192,15 +196,14 @@ NET_COMMENT = """# MSRC-21 from scratch at half size: msrc_fov, a narrow LargeFO
 
 
 def net(kind: str) -> str:
-    """kind: train, test, testwithcrf (test after CRF inference) or a phase-2 net (PHASE2)."""
+    """kind: train, a test net (TEST_TAILS) or a phase-2 net (PHASE2)."""
     text = HEADER + NET_COMMENT + f"# {kind}\nname: \"msrc_fov\"\n"
     if kind in TEST_TAILS:
         return text + data_layer("TEST") + body("TEST") + TEST_TAILS[kind]
     text += data_layer("TRAIN") + body("TRAIN")
     regularizer = kind[len("trainwith"):] if kind != "train" else ""
     if regularizer:
-        text += ('layer { name: "fc_softmax" type: "Softmax" bottom: "fc_interp" top: "fc_softmax" }\n'
-                 + REGULARIZERS[regularizer])
+        text += SOFTMAX + REGULARIZERS[regularizer]
     return text + LOSS
 
 
