@@ -28,6 +28,7 @@ from rloss.proto.blob import blob_to_array
 from rloss.solver import Solver
 
 TRAIN_IMAGES = 5  # batches of 2: 3 batches per pass, so ranks' batches straddle passes and reshuffles
+LAUNCH_TIMEOUT_S = 300  # a rank that hangs still fails the test, with a margin for loaded CI cores
 NET = """name: "tinyseg"
 layer {{ name: "data" type: "ImageSegData" top: "data" top: "label" top: "data_dim"
   image_data_param {{ root_folder: "{root}/" source: "{source}" batch_size: {batch} shuffle: true label_type: PIXEL }}
@@ -213,18 +214,30 @@ def test_sigterm_stops_every_rank_with_one_snapshot(dataset, tmp_path):
     assert text.count("Optimization stopped early.") == 1
 
 
+def run_launcher(script: str) -> subprocess.CompletedProcess:
+    """Runs `python -c script`; a launch still running after LAUNCH_TIMEOUT_S fails with its ranks' last
+    log lines (where it waited), not a bare TimeoutExpired (this test's two launches take 15 s on 2 idle
+    cores, 66 s in the oldest environment)."""
+    try:
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired as expired:
+        stderr = expired.stderr.decode() if isinstance(expired.stderr, bytes) else (expired.stderr or "")
+        pytest.fail(f"the launch ran past {LAUNCH_TIMEOUT_S} s; its last log lines:\n{stderr[-3000:]}")
+
+
 def test_the_gpu_flags_launcher_runs_the_ranks(dataset, one_process, tmp_path):
     """`--gpu=0,1` starts its ranks with rloss.distributed.launch (here `python -m rloss.solve`'s);
     on the CPU it is driven directly."""
     solver = write_solver(tmp_path, write_net(tmp_path, dataset), iter_size=1)
     script = f"from rloss.distributed import launch; launch(2, 'rloss.solve', ['{solver}', '--threads=1'])"
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    run = run_launcher(script)
     assert run.returncode == 0, run.stderr[-3000:]
     assert_same_run(snapshot_arrays(tmp_path / "snap", 5), one_process)
     failing = ("from rloss.distributed import launch; from rloss.errors import DistributedError\n"
                "try:\n    launch(2, 'rloss', ['train', '--solver=missing.prototxt'])\n"
                "except DistributedError as error:\n    print(error)\n")
-    run = subprocess.run([sys.executable, "-c", failing], capture_output=True, text=True, timeout=120)
+    run = run_launcher(failing)
     assert re.search(r"rank \d \(pid \d+\) exited with code 1.*the other ranks were stopped", run.stdout), run.stderr
     assert "solver file 'missing.prototxt' does not exist" in run.stderr
 
