@@ -101,6 +101,14 @@ def start(ranks: Ranks, timeout_minutes: float = 30.0) -> None:
                                "rendezvous) reachable from every machine?") from None
 
 
+def finish() -> None:
+    """Wait until every rank is done before the group is torn down: a rank that destroys its gloo
+    connections while another still works (rank 0 snapshots after the last iteration) can abort at
+    exit ("terminate called without an active exception", seen once under torchrun with torch 2.13)."""
+    if dist.is_available() and dist.is_initialized():
+        _collective("the barrier at the end of training", dist.barrier)
+
+
 def stop() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -346,3 +346,26 @@ def test_the_flat_collectives_give_each_tensor_its_own_result() -> None:
     for shared, grads in outcomes.values():
         assert shared == [[[1.0] * 3] * 2, [0.0, 1.0, 2.0, 3.0], 0]  # rank 0's values
         assert grads == [[0.5] * 3, [[1.0, 1.0], [1.0, 1.0]]]  # the means of ranks 0 and 1
+
+
+def test_no_rank_leaves_training_before_the_others_are_done(tmp_path):
+    """distributed.finish holds every rank until the last one is done (rank 0 snapshots after the last
+    iteration), so that no rank tears its connections down while another still uses them."""
+    script = tmp_path / "finish.py"
+    script.write_text(
+        "import time\n"
+        "from rloss import distributed\n"
+        "ranks = distributed.environment_ranks()\n"
+        "distributed.start(ranks)\n"
+        "if ranks.rank == 0:\n"
+        "    time.sleep(3)\n"
+        "start = time.monotonic()\n"
+        "distributed.finish()\n"
+        "print(f'rank {ranks.rank} waited {time.monotonic() - start:.2f}', flush=True)\n"
+        "distributed.stop()\n")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    waited = {int(rank): float(seconds) for rank, seconds in re.findall(r"rank (\d) waited ([\d.]+)", done.stdout)}
+    assert waited.keys() == {0, 1}, done.stdout
+    assert waited[1] >= 2.5 and waited[0] < 2.5, waited

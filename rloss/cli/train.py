@@ -57,6 +57,7 @@ def train(args: argparse.Namespace) -> None:
     distributed.start(ranks)
     try:
         _train_rank(args, gpu_ids, ranks)
+        distributed.finish()
     except RlossError as error:
         distributed.report_failure(str(error))
         if ranks.size > 1 and not str(error).startswith("rank "):
