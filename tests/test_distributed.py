@@ -214,12 +214,12 @@ def test_sigterm_stops_every_rank_with_one_snapshot(dataset, tmp_path):
     assert text.count("Optimization stopped early.") == 1
 
 
-def run_launcher(script: str) -> subprocess.CompletedProcess:
-    """Runs `python -c script`; a launch still running after LAUNCH_TIMEOUT_S fails with its ranks' last
-    log lines (where it waited), not a bare TimeoutExpired (this test's two launches take 15 s on 2 idle
-    cores, 66 s in the oldest environment)."""
+def run_launcher(*python_args: str) -> subprocess.CompletedProcess:
+    """Runs `python *python_args`; a launch still running after LAUNCH_TIMEOUT_S fails with its ranks'
+    last log lines (where it waited), not a bare TimeoutExpired (the gpu-flags test's two launches take
+    15 s on 2 idle cores, 66 s in the oldest environment)."""
     try:
-        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+        return subprocess.run([sys.executable, *python_args], capture_output=True, text=True,
                               timeout=LAUNCH_TIMEOUT_S)
     except subprocess.TimeoutExpired as expired:
         stderr = expired.stderr.decode() if isinstance(expired.stderr, bytes) else (expired.stderr or "")
@@ -231,13 +231,13 @@ def test_the_gpu_flags_launcher_runs_the_ranks(dataset, one_process, tmp_path):
     on the CPU it is driven directly."""
     solver = write_solver(tmp_path, write_net(tmp_path, dataset), iter_size=1)
     script = f"from rloss.distributed import launch; launch(2, 'rloss.solve', ['{solver}', '--threads=1'])"
-    run = run_launcher(script)
+    run = run_launcher("-c", script)
     assert run.returncode == 0, run.stderr[-3000:]
     assert_same_run(snapshot_arrays(tmp_path / "snap", 5), one_process)
     failing = ("from rloss.distributed import launch; from rloss.errors import DistributedError\n"
                "try:\n    launch(2, 'rloss', ['train', '--solver=missing.prototxt'])\n"
                "except DistributedError as error:\n    print(error)\n")
-    run = run_launcher(failing)
+    run = run_launcher("-c", failing)
     assert re.search(r"rank \d \(pid \d+\) exited with code 1.*the other ranks were stopped", run.stdout), run.stderr
     assert "solver file 'missing.prototxt' does not exist" in run.stderr
 
@@ -363,8 +363,7 @@ def test_no_rank_leaves_training_before_the_others_are_done(tmp_path):
         "distributed.finish()\n"
         "print(f'rank {ranks.rank} waited {time.monotonic() - start:.2f}', flush=True)\n"
         "distributed.stop()\n")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script)], capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    done = run_launcher("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script))
     assert done.returncode == 0, done.stderr[-3000:]
     waited = {int(rank): float(seconds) for rank, seconds in re.findall(r"rank (\d) waited ([\d.]+)", done.stdout)}
     assert waited.keys() == {0, 1}, done.stdout
